@@ -1,0 +1,129 @@
+"""Checkpoints in a workdir: the latest train state (to resume) and the best parameters.
+
+Layout: `WORKDIR/checkpoints/latest/STEP` (train state + JSON meta: epoch, next window, model
+shape, ...) and `WORKDIR/checkpoints/best/STEP` (parameters + meta). Two managers, since one
+manager with `best_fn` and `max_to_keep=1` would delete the latest state (JAX_NOTES.md).
+"""
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxlm.errors import UserError
+
+# Model keys that change the shapes of the parameters; a checkpoint restores only onto these.
+SHAPE_KEYS = ('core', 'num_layers', 'hidden_size', 'embed_size', 'tied', 'output_bias')
+
+
+def model_signature(model_config: Any, vocab_size: int) -> dict[str, Any]:
+  """What must match between a checkpoint and the model it is restored into."""
+  return {**{k: model_config[k] for k in SHAPE_KEYS}, 'vocab_size': vocab_size}
+
+
+def _describe_mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
+  diffs = [f'{k} {saved.get(k)!r} vs {wanted[k]!r}' for k in wanted if saved.get(k) != wanted[k]]
+  return ', '.join(diffs)
+
+
+class Checkpointer:
+  """Saves and restores the latest state and the best parameters of one workdir."""
+
+  def __init__(self, workdir: str, keep_latest: int = 2):
+    root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.latest_dir = os.path.join(root, 'latest')
+    self.best_dir = os.path.join(root, 'best')
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True)
+    self._latest = ocp.CheckpointManager(self.latest_dir, options=options)
+    self._best = ocp.CheckpointManager(
+        self.best_dir, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    )
+
+  def latest_step(self) -> Optional[int]:
+    return self._latest.latest_step()
+
+  def best_step(self) -> Optional[int]:
+    return self._best.latest_step()
+
+  def save_latest(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    self._latest.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
+
+  def save_best(self, step: int, params: Any, meta: dict[str, Any]) -> None:
+    # The best step can repeat (a resumed run re-validating the same step); replace it.
+    if step in self._best.all_steps():
+      self._best.wait_until_finished()
+      self._best.delete(step)
+    self._best.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)
+        ),
+        force=True,
+    )
+
+  def restore_latest(
+      self, abstract_state: Any, signature: dict[str, Any]
+  ) -> Optional[tuple[Any, dict[str, Any]]]:
+    """The latest (state, meta), or None in a fresh workdir; checks the model shape first."""
+    step = self._latest.latest_step()
+    if step is None:
+      return None
+    meta = self._restore_meta(self._latest, step)
+    self._check_signature(meta, signature, self.latest_dir)
+    restored = self._latest.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return restored.state, restored.meta
+
+  def restore_best(
+      self, abstract_params: Any, signature: dict[str, Any]
+  ) -> Optional[tuple[Any, dict[str, Any]]]:
+    """The best (params, meta), or None when no best checkpoint exists."""
+    step = self._best.latest_step()
+    if step is None:
+      return None
+    meta = self._restore_meta(self._best, step)
+    self._check_signature(meta, signature, self.best_dir)
+    restored = self._best.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return restored.params, restored.meta
+
+  def wait(self) -> None:
+    """Blocks until every asynchronous save has been written."""
+    self._latest.wait_until_finished()
+    self._best.wait_until_finished()
+
+  def close(self) -> None:
+    self._latest.close()
+    self._best.close()
+
+  @staticmethod
+  def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  @staticmethod
+  def _check_signature(meta: dict[str, Any], signature: dict[str, Any], where: str) -> None:
+    saved = meta.get('signature', {})
+    if saved != signature:
+      raise UserError(
+          f'{where} holds a checkpoint of a different model'
+          f' ({_describe_mismatch(saved, signature)}): use another --workdir, or the'
+          ' config it was trained with'
+      )
+
+
+def abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings, where the arrays have them) of a pytree of arrays."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -1,0 +1,197 @@
+"""The config schema, the paper's recipes, and the check of a config before training.
+
+`configs/*.py` are thin: each `get_config(arg)` calls one of the recipe functions here, so the
+schema (every key a user can override) lives in one place, `base_config`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from jaxlm.errors import UserError
+
+SIZES = ('small', 'medium', 'large')
+VARIANTS = ('baseline', 'al', 're', 'real')
+CORES = ('lstm',)
+CORPORA = ('ptb', 'wikitext2', 'tiny')
+
+# The VD-LSTM recipe per size (PAPER.md, "VD-LSTM recipe"): hidden = embedding size, the
+# epoch after which the learning rate decays, the decay multiplier, the clipping norm, the
+# drop rate per corpus, the uniform init scale, and the number of epochs.
+LSTM_SIZES = {
+    'small': dict(hidden=200, decay_start=5, decay=0.9, clip=5.0,
+                  drop={'ptb': 0.3, 'wikitext2': 0.2}, init=0.1, epochs=39),
+    'medium': dict(hidden=650, decay_start=10, decay=0.9, clip=5.0,
+                   drop={'ptb': 0.5, 'wikitext2': 0.4}, init=0.05, epochs=39),
+    'large': dict(hidden=1500, decay_start=1, decay=0.97, clip=6.0,
+                  drop={'ptb': 0.65, 'wikitext2': 0.65}, init=0.04, epochs=55),
+}
+# gamma = aug_weight / temperature of the augmented loss, per corpus (PAPER.md).
+AUG_GAMMA = {'ptb': 0.5, 'wikitext2': 1.0, 'tiny': 0.5}
+TEMPERATURE = 20.0
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key of the schema with its default (the medium VD-LSTM+REAL on PTB)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 20
+  c.bptt = 35
+  c.eval_batch_size = 10
+  c.test_batch_size = 1
+  c.eval_max_tokens = config_dict.placeholder(int)  # cap on every evaluation; None: no cap
+  c.num_epochs = 39
+  c.max_steps = config_dict.placeholder(int)  # stop after this many global train steps
+  c.log_every = 100  # steps between `train` lines in metrics.jsonl
+  c.checkpoint_every = 500  # steps between saves of the latest state (and at every epoch end)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.corpus = 'ptb'
+  c.data.dir = config_dict.placeholder(str)  # local corpus folder; else $JAXLM_DATA_DIR
+  c.data.tfds_dir = config_dict.placeholder(str)  # where the TFDS builds go
+
+  c.model = ml_collections.ConfigDict()
+  c.model.core = 'lstm'
+  c.model.num_layers = 2
+  c.model.hidden_size = 650
+  c.model.embed_size = 650
+  c.model.tied = True
+  c.model.output_bias = False
+  c.model.init_scale = 0.05
+  c.model.forget_bias_init = 0.0
+  c.model.unroll = 1
+
+  c.dropout = ml_collections.ConfigDict()
+  c.dropout.embed = 0.0
+  c.dropout.input = 0.5
+  c.dropout.state = 0.5
+  c.dropout.output = 0.5
+  c.dropout.share_state_and_input = True
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.aug_weight = AUG_GAMMA['ptb'] * TEMPERATURE  # alpha; gamma = alpha / temperature
+  c.loss.temperature = TEMPERATURE
+  c.loss.stop_target_gradient = False
+  c.loss.reduction = 'sum_over_time'
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1.0
+  c.optim.lr_decay = 0.9  # lr(e) = learning_rate * lr_decay ** max(0, e - decay_start)
+  c.optim.decay_start = 10
+  c.optim.clip_norm = 5.0
+  c.optim.weight_decay = 0.0  # L2: weight_decay * sum(w^2) / 2 added to the loss
+  return c
+
+
+def parse_arg(arg: str | None, default: str) -> tuple[str, str]:
+  """'SIZE[,VARIANT]' -> (size, variant); the missing parts come from `default`."""
+  size, variant = default.split(',')
+  parts = [p.strip() for p in (arg or '').split(',') if p.strip()]
+  if len(parts) > 2:
+    raise UserError(f'config argument {arg!r} has too many parts; expected SIZE[,VARIANT]')
+  for part in parts:
+    if part in SIZES:
+      size = part
+    elif part in VARIANTS:
+      variant = part
+    else:
+      raise UserError(
+          f'unknown config argument {part!r}: expected a size {SIZES} and/or a variant'
+          f' {VARIANTS}, e.g. configs/ptb_lstm.py:small,re'
+      )
+  return size, variant
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str, corpus: str) -> None:
+  """baseline: untied, no AL; al: untied + AL; re: tied; real: tied + AL (in place)."""
+  c.model.tied = variant in ('re', 'real')
+  c.loss.aug_weight = AUG_GAMMA[corpus] * c.loss.temperature if variant in ('al', 'real') else 0.0
+
+
+def lstm_config(corpus: str, arg: str | None) -> ml_collections.ConfigDict:
+  """The paper's VD-LSTM row `arg` = 'SIZE[,VARIANT]' (default 'medium,real') on `corpus`."""
+  size, variant = parse_arg(arg, 'medium,real')
+  recipe = LSTM_SIZES[size]
+  c = base_config()
+  c.data.corpus = corpus
+  c.num_epochs = recipe['epochs']
+  c.model.hidden_size = c.model.embed_size = recipe['hidden']
+  c.model.init_scale = recipe['init']
+  drop = recipe['drop'][corpus]
+  c.dropout.input = c.dropout.state = c.dropout.output = drop
+  c.optim.decay_start = recipe['decay_start']
+  c.optim.lr_decay = recipe['decay']
+  c.optim.clip_norm = recipe['clip']
+  apply_variant(c, variant, corpus)
+  return c
+
+
+def tiny_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """A tied LSTM+REAL of 32 units on the generated tiny corpus: trains in seconds on a CPU."""
+  _, variant = parse_arg(arg, 'small,real')
+  c = base_config()
+  c.data.corpus = 'tiny'
+  c.batch_size = 8
+  c.bptt = 10
+  c.eval_batch_size = 8
+  c.test_batch_size = 1
+  c.num_epochs = 3
+  c.log_every = 20
+  c.checkpoint_every = 100
+  c.model.num_layers = 2
+  c.model.hidden_size = c.model.embed_size = 32
+  c.model.init_scale = 0.1
+  c.dropout.input = c.dropout.state = c.dropout.output = 0.1
+  c.optim.decay_start = 2
+  c.optim.lr_decay = 0.5
+  apply_variant(c, variant, 'tiny')
+  return c
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise UserError(message)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises UserError, one line naming the key and the fix, for an impossible config."""
+  for key in ('batch_size', 'bptt', 'eval_batch_size', 'test_batch_size', 'log_every',
+              'checkpoint_every'):
+    _check(c[key] > 0, f'config.{key} must be > 0, got {c[key]}')
+  _check(c.num_epochs >= 0, f'config.num_epochs must be >= 0, got {c.num_epochs}')
+  for key in ('max_steps', 'eval_max_tokens'):
+    _check(c[key] is None or c[key] > 0, f'config.{key} must be > 0 (or unset), got {c[key]}')
+  _check(c.data.corpus in CORPORA,
+         f'config.data.corpus must be one of {CORPORA}, got {c.data.corpus!r}')
+
+  m = c.model
+  _check(m.core in CORES, f'config.model.core must be one of {CORES}, got {m.core!r}')
+  for key in ('num_layers', 'hidden_size', 'embed_size', 'unroll'):
+    _check(m[key] > 0, f'config.model.{key} must be > 0, got {m[key]}')
+  _check(m.init_scale > 0, f'config.model.init_scale must be > 0, got {m.init_scale}')
+  _check(
+      not m.tied or m.hidden_size == m.embed_size,
+      f'a tied model needs model.hidden_size == model.embed_size, got {m.hidden_size} and'
+      f' {m.embed_size}: set both, or --config.model.tied=False',
+  )
+
+  for key in ('embed', 'input', 'state', 'output'):
+    rate = c.dropout[key]
+    _check(0.0 <= rate < 1.0, f'config.dropout.{key} is a drop probability in [0, 1), got {rate}')
+  _check(
+      not c.dropout.share_state_and_input or c.dropout.output == c.dropout.state,
+      f'config.dropout.output ({c.dropout.output}) is unused while'
+      f' dropout.share_state_and_input is true (the output takes the state mask of rate'
+      f' {c.dropout.state}): set it equal to dropout.state, or share_state_and_input=False',
+  )
+
+  loss = c.loss
+  _check(loss.temperature > 0, f'config.loss.temperature must be > 0, got {loss.temperature}')
+  _check(loss.aug_weight >= 0, f'config.loss.aug_weight must be >= 0, got {loss.aug_weight}')
+  _check(loss.reduction in ('sum_over_time', 'mean'),
+         f"config.loss.reduction must be 'sum_over_time' or 'mean', got {loss.reduction!r}")
+
+  o = c.optim
+  _check(o.learning_rate > 0, f'config.optim.learning_rate must be > 0, got {o.learning_rate}')
+  _check(0 < o.lr_decay <= 1, f'config.optim.lr_decay must be in (0, 1], got {o.lr_decay}')
+  _check(o.clip_norm > 0, f'config.optim.clip_norm must be > 0, got {o.clip_norm}')
+  _check(o.weight_decay >= 0, f'config.optim.weight_decay must be >= 0, got {o.weight_decay}')

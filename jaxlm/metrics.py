@@ -1,0 +1,69 @@
+"""Metrics to `WORKDIR/metrics.jsonl` (one JSON object a line) and TensorBoard event files.
+
+Every line has `kind` ('train', 'epoch' or 'test') and `step` (global train steps done). On a
+resume from step S, lines past S (and the old `test` lines) are dropped, so no step of the run
+appears twice; TensorBoard is told the same through `purge_step`.
+"""
+
+import json
+import math
+import os
+from typing import Any, Optional
+
+import tensorboardX
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """Every line of a workdir's metrics.jsonl, parsed."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _json_value(value: Any) -> Any:
+  value = value.item() if hasattr(value, 'item') else value
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no nan/inf
+  return value
+
+
+class MetricsWriter:
+  """Writes metrics of one run; a no-op on every process but the first (`enabled=False`)."""
+
+  def __init__(self, workdir: str, resume_step: Optional[int], enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    self.path = os.path.join(workdir, METRICS_FILE)
+    kept = []
+    if resume_step is not None:
+      kept = [
+          line for line in read_metrics(workdir)
+          if line['kind'] != 'test' and line['step'] <= resume_step
+      ]
+    with open(self.path, 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps(line) + '\n' for line in kept)
+    self._tensorboard = tensorboardX.SummaryWriter(
+        os.path.join(workdir, 'tensorboard'),
+        purge_step=None if resume_step is None else resume_step + 1,
+    )
+
+  def write(self, kind: str, step: int, **values: Any) -> None:
+    """Appends one line and logs each numeric value to TensorBoard as `kind/name`."""
+    if not self.enabled:
+      return
+    line = {'kind': kind, 'step': int(step), **{k: _json_value(v) for k, v in values.items()}}
+    with open(self.path, 'a', encoding='utf-8') as f:
+      f.write(json.dumps(line) + '\n')
+    for name, value in line.items():
+      if isinstance(value, (int, float)) and name != 'step':
+        self._tensorboard.add_scalar(f'{kind}/{name}', value, int(step))
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tensorboard.close()

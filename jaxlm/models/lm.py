@@ -1,0 +1,79 @@
+"""The language model: embedding -> recurrent core -> read-out (tied: `Embed.attend`)."""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+
+from jaxlm.models import dropout
+from jaxlm.models.initializers import symmetric_uniform
+
+
+class LanguageModel(nn.Module):
+  """Word-level recurrent language model.
+
+  Attributes:
+    vocab_size: V.
+    embed_size: d; equal to the core's output size when `tied`.
+    core: a recurrent module with `initial_carry(batch)`, `variational_masks(key, batch,
+      input_size)` and `__call__(x [batch, time, d], carry, masks) -> (h, carry)`.
+    tied: reuse the embedding as the output classifier, logits = h E^T (RE).
+    output_bias: add a bias to the logits (untied read-outs always have one).
+    init_scale: every parameter outside the core starts in U(-init_scale, init_scale).
+    embed_dropout: word-type dropout rate on the embedding.
+  """
+
+  vocab_size: int
+  embed_size: int
+  core: nn.Module
+  tied: bool = True
+  output_bias: bool = False
+  init_scale: float = 0.05
+  embed_dropout: float = 0.0
+
+  def initial_carry(self, batch_size: int) -> Any:
+    return self.core.initial_carry(batch_size)
+
+  def variational_masks(self, key: jax.Array, batch_size: int) -> dict[str, Any]:
+    """Every dropout mask of one window, batch axis first (see `jaxlm.models.dropout`)."""
+    embed_key, core_key = jax.random.split(key)
+    return {
+        'embed': dropout.bernoulli_mask(
+            embed_key, self.embed_dropout, (batch_size, self.vocab_size)
+        ),
+        'core': self.core.variational_masks(core_key, batch_size, self.embed_size),
+    }
+
+  @nn.compact
+  def __call__(
+      self, tokens: jax.Array, carry: Any, masks: Optional[dict[str, Any]] = None
+  ) -> tuple[jax.Array, Any]:
+    """tokens [batch, time] -> (logits [batch, time, vocab], new carry).
+
+    `masks=None` is the deterministic (evaluation) model.
+    """
+    init = symmetric_uniform(self.init_scale)
+    embed = nn.Embed(self.vocab_size, self.embed_size, embedding_init=init, name='embed')
+    x = embed(tokens)
+    if masks is not None and masks['embed'] is not None:
+      x = x * dropout.gather_word_mask(masks['embed'], tokens)
+    h, carry = self.core(x, carry, None if masks is None else masks['core'])
+    if self.tied:
+      if h.shape[-1] != self.embed_size:
+        raise ValueError(
+            f'a tied read-out needs core output size {h.shape[-1]} == embed_size'
+            f' {self.embed_size}'
+        )
+      logits = embed.attend(h)
+      if self.output_bias:
+        logits = logits + self.param('output_bias', init, (self.vocab_size,))
+    else:
+      logits = nn.Dense(
+          self.vocab_size, use_bias=True, kernel_init=init, bias_init=init, name='readout'
+      )(h)
+    return logits, carry
+
+
+def embedding_matrix(params: Any) -> jax.Array:
+  """The input embedding E, [vocab, embed], from a LanguageModel's `params` collection."""
+  return params['embed']['embedding']

@@ -1,0 +1,125 @@
+"""A stack of LSTM layers with variational dropout (Gal and Ghahramani 2016; Zaremba et al. 2014).
+
+Each layer's input projection is one matmul over the whole window, outside the time loop;
+only the recurrent matmul runs inside `lax.scan`. Gate order in the kernels: i, f, g, o.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.models import dropout
+from jaxlm.models.initializers import symmetric_uniform
+
+# One (c, h) pair per layer, each [batch, hidden].
+LSTMCarry = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+def lstm_scan(
+    input_gates: jax.Array,
+    carry: tuple[jax.Array, jax.Array],
+    recurrent_kernel: jax.Array,
+    state_mask: Optional[jax.Array],
+    unroll: int = 1,
+) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+  """Runs one LSTM layer over a window.
+
+  Args:
+    input_gates: x W_x + b for every step, [batch, time, 4 * hidden].
+    carry: (c, h), each [batch, hidden].
+    recurrent_kernel: W_h, [hidden, 4 * hidden].
+    state_mask: variational mask on h_{t-1} before W_h, [batch, hidden], or None.
+    unroll: `lax.scan` unroll factor.
+
+  Returns:
+    The last (c, h) and the outputs h_t, [batch, time, hidden].
+  """
+
+  def step(carry, gates_t):
+    c, h = carry
+    gates = gates_t + dropout.apply_mask(h, state_mask) @ recurrent_kernel
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return (c, h), h
+
+  carry, outputs = jax.lax.scan(step, carry, jnp.swapaxes(input_gates, 0, 1), unroll=unroll)
+  return carry, jnp.swapaxes(outputs, 0, 1)
+
+
+class LSTMCore(nn.Module):
+  """`num_layers` LSTM layers of `hidden_size` units with variational dropout.
+
+  Masks (see `variational_masks`): `input[l]` on the input of layer l, `state[l]` on layer l's
+  h_{t-1} before its recurrent matmul, `output` on the top layer's output. With
+  `share_state_and_input` (Inan et al., section 6.1) a layer's state mask also drops its output
+  on the way up: input[l + 1] = state[l] and output = state[-1], so `input_dropout` applies to
+  layer 0 only and `output_dropout` is unused.
+  """
+
+  num_layers: int
+  hidden_size: int
+  init_scale: float
+  forget_bias_init: float = 0.0
+  input_dropout: float = 0.0
+  state_dropout: float = 0.0
+  output_dropout: float = 0.0
+  share_state_and_input: bool = True
+  unroll: int = 1
+
+  def initial_carry(self, batch_size: int) -> LSTMCarry:
+    zeros = jnp.zeros((batch_size, self.hidden_size), jnp.float32)
+    return tuple((zeros, zeros) for _ in range(self.num_layers))
+
+  def variational_masks(self, key: jax.Array, batch_size: int, input_size: int) -> dict[str, Any]:
+    """Draws every mask of the stack for one window; each is [batch, features] or None."""
+    keys = jax.random.split(key, 2 * self.num_layers + 1)
+    state = [
+        dropout.bernoulli_mask(keys[l], self.state_dropout, (batch_size, self.hidden_size))
+        for l in range(self.num_layers)
+    ]
+    first_input = dropout.bernoulli_mask(keys[-1], self.input_dropout, (batch_size, input_size))
+    if self.share_state_and_input:
+      return {'input': [first_input] + state[:-1], 'state': state, 'output': state[-1]}
+    inputs = [first_input] + [
+        dropout.bernoulli_mask(
+            keys[self.num_layers + l], self.input_dropout, (batch_size, self.hidden_size)
+        )
+        for l in range(1, self.num_layers)
+    ]
+    output = dropout.bernoulli_mask(
+        keys[self.num_layers], self.output_dropout, (batch_size, self.hidden_size)
+    )
+    return {'input': inputs, 'state': state, 'output': output}
+
+  @nn.compact
+  def __call__(
+      self, inputs: jax.Array, carry: LSTMCarry, masks: Optional[dict[str, Any]] = None
+  ) -> tuple[jax.Array, LSTMCarry]:
+    """inputs [batch, time, features] -> (outputs [batch, time, hidden], new carry)."""
+    init = symmetric_uniform(self.init_scale)
+    h4 = 4 * self.hidden_size
+    x = inputs
+    new_carry = []
+    for layer in range(self.num_layers):
+      input_kernel = self.param(f'input_kernel_{layer}', init, (x.shape[-1], h4))
+      recurrent_kernel = self.param(f'recurrent_kernel_{layer}', init, (self.hidden_size, h4))
+      bias = self.param(f'bias_{layer}', self._bias_init, (h4,))
+      if masks is not None:
+        x = dropout.apply_mask(x, masks['input'][layer])
+      input_gates = x @ input_kernel + bias
+      state_mask = None if masks is None else masks['state'][layer]
+      layer_carry, x = lstm_scan(
+          input_gates, carry[layer], recurrent_kernel, state_mask, self.unroll
+      )
+      new_carry.append(layer_carry)
+    if masks is not None:
+      x = dropout.apply_mask(x, masks['output'])
+    return x, tuple(new_carry)
+
+  def _bias_init(self, key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    bias = symmetric_uniform(self.init_scale)(key, shape, dtype)
+    forget = slice(self.hidden_size, 2 * self.hidden_size)
+    return bias.at[forget].add(self.forget_bias_init)

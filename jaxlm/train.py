@@ -1,0 +1,369 @@
+"""Training and evaluation: the train state, the jitted train and eval steps, the epoch loop.
+
+One batch's way: windows x, y int32[batch, bptt] -> `train_step(state, x, y)`: masks drawn
+from fold_in(key, step) -> logits [batch, bptt, V] -> CE + alpha * KL (+ L2) -> clip -> SGD.
+Every array has the batch axis first, so spreading the step over devices is a matter of
+shardings (nothing per-device happens in Python).
+"""
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxlm import config as config_lib
+from jaxlm import data as data_lib
+from jaxlm import losses
+from jaxlm import models
+from jaxlm.checkpoint import Checkpointer, abstract, model_signature
+from jaxlm.errors import UserError
+from jaxlm.metrics import MetricsWriter
+
+VOCAB_FILE = 'vocab.txt'
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a train step reads and writes; a pytree, donated to the step."""
+
+  step: jax.Array  # int32 [], global train steps done
+  params: Any
+  opt_state: Any
+  carry: Any  # recurrent state carried to the next window, [batch, ...] leaves
+  key: jax.Array  # base dropout key; step t uses fold_in(key, t)
+
+
+class TrainingDiverged(UserError):
+  """The loss became non-finite; the last good checkpoint is kept."""
+
+
+def epoch_learning_rate(optim: ml_collections.ConfigDict, epoch: int) -> float:
+  """lr(e) = lr0 * d^max(0, e - start) for the 1-based epoch e (PAPER.md)."""
+  return optim.learning_rate * optim.lr_decay ** max(0, epoch - optim.decay_start)
+
+
+def make_optimizer(
+    optim: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+  """Global-norm clipping then SGD with the per-epoch schedule `epoch_learning_rate`."""
+
+  def schedule(count: jax.Array) -> jax.Array:
+    epoch = count // steps_per_epoch + 1
+    return optim.learning_rate * optim.lr_decay ** jnp.maximum(0, epoch - optim.decay_start)
+
+  return optax.chain(optax.clip_by_global_norm(optim.clip_norm), optax.sgd(schedule))
+
+
+def init_params(model: models.LanguageModel, key: jax.Array, batch_size: int, bptt: int) -> Any:
+  tokens = jnp.zeros((batch_size, bptt), jnp.int32)
+  return model.init(key, tokens, model.initial_carry(batch_size))['params']
+
+
+def param_shapes(model: models.LanguageModel) -> Any:
+  """The parameters' ShapeDtypeStructs, from shapes only (nothing is initialised)."""
+  return jax.eval_shape(lambda k: init_params(model, k, 1, 1), jax.random.PRNGKey(0))
+
+
+def count_params(model: models.LanguageModel) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(model)))
+
+
+def create_train_state(
+    model: models.LanguageModel,
+    tx: optax.GradientTransformation,
+    batch_size: int,
+    bptt: int,
+    seed: int,
+) -> TrainState:
+  init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+  params = init_params(model, init_key, batch_size, bptt)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      carry=model.initial_carry(batch_size),
+      key=dropout_key,
+  )
+
+
+def make_loss_fn(model: models.LanguageModel, config: ml_collections.ConfigDict) -> Callable:
+  """loss_fn(params, inputs, targets, carry, masks) -> (loss, (carry, ce_sum, kl_sum)).
+
+  The loss SGD sees: CE + aug_weight * KL, each reduced by `config.loss.reduction`, plus
+  weight_decay * sum(w^2) / 2.
+  """
+  loss_config, weight_decay = config.loss, config.optim.weight_decay
+
+  def loss_fn(params, inputs, targets, carry, masks):
+    logits, carry = model.apply({'params': params}, inputs, carry, masks)
+    ce = losses.cross_entropy(logits, targets)
+    loss = losses.reduce_tokens(ce, None, loss_config.reduction)
+    kl_sum = jnp.zeros((), jnp.float32)
+    if loss_config.aug_weight > 0:
+      kl = losses.augmented_kl(
+          logits, targets, models.embedding_matrix(params), loss_config.temperature,
+          loss_config.stop_target_gradient,
+      )
+      loss = loss + loss_config.aug_weight * losses.reduce_tokens(kl, None, loss_config.reduction)
+      kl_sum = jnp.sum(kl)
+    if weight_decay > 0:
+      loss = loss + weight_decay * losses.l2_penalty(params)
+    return loss, (carry, jnp.sum(ce), kl_sum)
+
+  return loss_fn
+
+
+def make_train_step(
+    model: models.LanguageModel, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+  """The jitted step: (state, inputs [batch, bptt], targets [batch, bptt]) -> (state, metrics)."""
+  loss_fn = make_loss_fn(model, config)
+
+  def train_step(state: TrainState, inputs: jax.Array, targets: jax.Array):
+    masks = model.variational_masks(jax.random.fold_in(state.key, state.step), inputs.shape[0])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (carry, ce_sum, kl_sum)), grads = grad_fn(
+        state.params, inputs, targets, state.carry, masks
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        carry=carry,
+    )
+    metrics = {'loss': loss, 'ce_sum': ce_sum, 'kl_sum': kl_sum,
+               'grad_norm': optax.global_norm(grads)}
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(model: models.LanguageModel) -> Callable:
+  """The jitted deterministic step: (params, carry, inputs, targets, weights [batch, bptt]) ->
+  (carry, sum of weighted CE, sum of weights)."""
+
+  def eval_step(params, carry, inputs, targets, weights):
+    logits, carry = model.apply({'params': params}, inputs, carry)
+    ce = losses.cross_entropy(logits, targets)
+    return carry, jnp.sum(ce * weights), jnp.sum(weights)
+
+  return jax.jit(eval_step)
+
+
+def evaluate(
+    model: models.LanguageModel,
+    eval_step: Callable,
+    params: Any,
+    windows: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> float:
+  """Perplexity over `eval_windows` output ([num_windows, batch, bptt] each), state carried."""
+  inputs, targets, weights = windows
+  carry = model.initial_carry(inputs.shape[1])
+  ce_sums, counts = [], []
+  for x, y, w in zip(inputs, targets, weights):
+    carry, ce_sum, count = eval_step(params, carry, x, y, w)
+    ce_sums.append(ce_sum)
+    counts.append(count)
+  ce_total = np.sum(np.asarray(jax.device_get(ce_sums), np.float64))
+  return float(np.exp(ce_total / np.sum(np.asarray(jax.device_get(counts), np.float64))))
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where training stands; saved as the JSON meta of the latest checkpoint."""
+
+  epoch: int = 0  # 0-based index of the epoch in progress
+  window: int = 0  # next window of that epoch
+  best_valid_ppl: float = math.inf
+  epoch_ce_sum: float = 0.0  # running sums of the epoch in progress, for train_ppl
+  epoch_tokens: int = 0
+
+
+def prepare_vocab(vocab: data_lib.Vocabulary, workdir: str) -> None:
+  """Saves the vocabulary in the workdir, or checks it equals the one saved there."""
+  path = os.path.join(workdir, VOCAB_FILE)
+  if os.path.exists(path):
+    saved = data_lib.Vocabulary.load(path)
+    if saved != vocab:
+      raise UserError(
+          f'{path} holds a different vocabulary ({len(saved)} words) than this corpus'
+          f' ({len(vocab)} words): use another --workdir for another corpus'
+      )
+  elif jax.process_index() == 0:
+    vocab.save(path)
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) in `workdir`, then evaluates the best parameters.
+
+  Returns the final metrics: valid_ppl, test_ppl (at `test_batch_size`), step.
+  """
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  corpus = data_lib.load_corpus(config.data.corpus, config.data.dir, config.data.tfds_dir)
+  prepare_vocab(corpus.vocab, workdir)
+  model = models.build_model(config, len(corpus.vocab))
+  signature = model_signature(config.model, len(corpus.vocab))
+
+  streams = data_lib.train_streams(corpus.splits['train'], config.batch_size)
+  steps_per_epoch = data_lib.num_train_windows(streams, config.bptt)
+  if steps_per_epoch < 1:
+    raise UserError(
+        f'the train split ({streams.size} tokens) is too short for batch_size'
+        f' {config.batch_size} x bptt {config.bptt}: lower them'
+    )
+  tx = make_optimizer(config.optim, steps_per_epoch)
+  state = create_train_state(model, tx, config.batch_size, config.bptt, config.seed)
+  logging.info('model: %s parameters', f'{count_params(model):,}')
+
+  checkpointer = Checkpointer(workdir)
+  progress = Progress()
+  restored = checkpointer.restore_latest(abstract(state), signature)
+  if restored is not None:
+    state, meta = restored
+    progress = Progress(**meta['progress'])
+    logging.info('resumed from step %d (epoch %d, window %d)', int(state.step),
+                 progress.epoch + 1, progress.window)
+  step = int(state.step)
+  writer = MetricsWriter(workdir, resume_step=step if restored else None,
+                         enabled=jax.process_index() == 0)
+
+  def save_latest():
+    meta = {'signature': signature, 'progress': dataclasses.asdict(progress)}
+    checkpointer.save_latest(step, state, meta)
+
+  train_step = make_train_step(model, tx, config)
+  eval_step = make_eval_step(model)
+  valid_windows = data_lib.eval_windows(
+      corpus.splits['valid'], config.eval_batch_size, config.bptt, config.eval_max_tokens
+  )
+  total_steps = config.num_epochs * steps_per_epoch
+  if config.max_steps is not None:
+    total_steps = min(total_steps, config.max_steps)
+  tokens_per_step = config.batch_size * config.bptt
+
+  try:
+    while step < total_steps:
+      epoch = progress.epoch + 1
+      if progress.window == 0:
+        state = state.replace(carry=model.initial_carry(config.batch_size))
+      train_time, interval_start, interval_ce, interval_steps = 0.0, time.perf_counter(), 0.0, 0
+      epoch_start_step = step
+      while progress.window < steps_per_epoch and step < total_steps:
+        inputs, targets = data_lib.train_window(streams, progress.window, config.bptt)
+        state, metrics = train_step(state, inputs, targets)
+        metrics = jax.device_get(metrics)
+        step += 1
+        progress.window += 1
+        if not np.isfinite(metrics['loss']):
+          last = checkpointer.latest_step()
+          kept = 'no checkpoint was saved yet' if last is None else (
+              f'the last good checkpoint (step {last}) is kept in {workdir}')
+          raise TrainingDiverged(
+              f'the loss became {metrics["loss"]} at step {step} (epoch {epoch}); {kept}:'
+              ' lower optim.learning_rate or optim.clip_norm and use a new --workdir'
+          )
+        progress.epoch_ce_sum += float(metrics['ce_sum'])
+        progress.epoch_tokens += tokens_per_step
+        interval_ce += float(metrics['ce_sum'])
+        interval_steps += 1
+        if step % config.log_every == 0 or step == total_steps:
+          elapsed = time.perf_counter() - interval_start
+          train_time += elapsed
+          tokens_per_sec = interval_steps * tokens_per_step / elapsed
+          eta = (total_steps - step) * elapsed / interval_steps
+          train_ppl = math.exp(interval_ce / (interval_steps * tokens_per_step))
+          writer.write('train', step, epoch=epoch, loss=metrics['loss'], train_ppl=train_ppl,
+                       kl=metrics['kl_sum'] / tokens_per_step, grad_norm=metrics['grad_norm'],
+                       tokens_per_sec=tokens_per_sec)
+          logging.info(
+              'step %d/%d epoch %d: loss %.3f train ppl %.2f, %.0f tokens/s, ETA %s',
+              step, total_steps, epoch, metrics['loss'], train_ppl, tokens_per_sec,
+              _format_duration(eta),
+          )
+          interval_start, interval_ce, interval_steps = time.perf_counter(), 0.0, 0
+        if step % config.checkpoint_every == 0 and progress.window < steps_per_epoch:
+          save_latest()
+      train_time += time.perf_counter() - interval_start
+
+      valid_ppl = evaluate(model, eval_step, state.params, valid_windows)
+      epoch_done = progress.window == steps_per_epoch
+      writer.write(
+          'epoch', step, epoch=epoch, complete=epoch_done,
+          lr=epoch_learning_rate(config.optim, epoch),
+          train_ppl=math.exp(progress.epoch_ce_sum / max(progress.epoch_tokens, 1)),
+          valid_ppl=valid_ppl,
+          tokens_per_sec=(step - epoch_start_step) * tokens_per_step / max(train_time, 1e-9),
+      )
+      logging.info('epoch %d%s: valid ppl %.2f', epoch, '' if epoch_done else ' (partial)',
+                   valid_ppl)
+      if valid_ppl < progress.best_valid_ppl:
+        progress.best_valid_ppl = valid_ppl
+        checkpointer.save_best(step, state.params, {
+            'signature': signature, 'epoch': epoch, 'step': step, 'valid_ppl': valid_ppl})
+      if epoch_done:
+        progress = Progress(epoch=progress.epoch + 1, best_valid_ppl=progress.best_valid_ppl)
+      save_latest()
+
+    checkpointer.wait()
+    best = checkpointer.restore_best(abstract(state.params), signature)
+    params = state.params if best is None else best[0]
+    final = final_evaluation(config, model, eval_step, params, corpus)
+    writer.write('test', step, **final)
+    logging.info('best parameters: valid ppl %.2f, test ppl %.2f (batch %d)',
+                 final['valid_ppl'], final['test_ppl'], config.test_batch_size)
+    return {**final, 'step': step}
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, splits: tuple[str, ...] = ('valid', 'test')
+) -> dict[str, float]:
+  """Perplexity of a workdir's best parameters on `splits`, at `test_batch_size`."""
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  vocab = data_lib.Vocabulary.load(os.path.join(workdir, VOCAB_FILE))
+  corpus = data_lib.load_corpus(config.data.corpus, config.data.dir, config.data.tfds_dir)
+  if corpus.vocab != vocab:
+    raise UserError(f'{workdir} was trained on another corpus than {config.data.corpus!r}')
+  model = models.build_model(config, len(vocab))
+  checkpointer = Checkpointer(workdir)
+  try:
+    best = checkpointer.restore_best(param_shapes(model), model_signature(config.model, len(vocab)))
+  finally:
+    checkpointer.close()
+  if best is None:
+    raise UserError(f'{workdir} has no best checkpoint yet: train first (--mode=train)')
+  return final_evaluation(config, model, make_eval_step(model), best[0], corpus, splits)
+
+
+def final_evaluation(
+    config: ml_collections.ConfigDict, model: models.LanguageModel, eval_step: Callable,
+    params: Any, corpus: data_lib.Corpus, splits: tuple[str, ...] = ('valid', 'test'),
+) -> dict[str, float]:
+  """Perplexity of `params` on each split at `test_batch_size` (the paper's protocol: 1)."""
+  return {
+      f'{split}_ppl': evaluate(model, eval_step, params, data_lib.eval_windows(
+          corpus.splits[split], config.test_batch_size, config.bptt, config.eval_max_tokens))
+      for split in splits
+  }
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(seconds)
+  hours, rest = divmod(seconds, 3600)
+  return f'{hours}h{rest // 60:02d}m' if hours else f'{rest // 60}m{rest % 60:02d}s'

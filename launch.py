@@ -1,0 +1,52 @@
+"""Train or evaluate a jaxlm language model.
+
+  python launch.py --config=configs/ptb_lstm.py:medium,real --workdir=runs/medium
+  python launch.py --config=configs/tiny.py --workdir=runs/tiny --config.num_epochs=1
+  python launch.py --config=configs/ptb_lstm.py:small --workdir=runs/small --mode=eval
+
+Re-running the same command resumes from the workdir's latest checkpoint.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from jaxlm import train
+from jaxlm.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, optionally with an argument: configs/ptb_lstm.py:small,re.'
+    ' Override any value with --config.KEY=VALUE.', lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Folder for checkpoints, vocabulary and metrics; resumed when it exists.')
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'eval'],
+    'train: train (or resume), then evaluate the best parameters; eval: perplexity of the'
+    " workdir's best checkpoint on --split at config.test_batch_size.")
+_SPLIT = flags.DEFINE_multi_enum(
+    'split', ['valid', 'test'], ['valid', 'test'], 'Split(s) to evaluate in --mode=eval.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  config = _CONFIG.value
+  try:
+    if _MODE.value == 'train':
+      results = train.fit(config, _WORKDIR.value)
+    else:
+      results = train.evaluate_checkpoint(config, _WORKDIR.value, tuple(_SPLIT.value))
+  except UserError as e:
+    logging.flush()
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(' '.join(f'{k}={v:.2f}' if isinstance(v, float) else f'{k}={v}'
+                 for k, v in results.items()))
+
+
+if __name__ == '__main__':
+  app.run(main)
