@@ -7,6 +7,7 @@
 Re-running the same command resumes from the workdir's latest checkpoint.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app
@@ -31,9 +32,16 @@ _SPLIT = flags.DEFINE_multi_enum(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _only_our_info(record) -> bool:
+  """Keeps warnings and errors from everywhere, but info lines only from jaxlm."""
+  return record.levelno >= std_logging.WARNING or 'jaxlm' in record.pathname or (
+      record.pathname.endswith('launch.py'))
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  std_logging.getLogger('absl').addFilter(_only_our_info)
   config = _CONFIG.value
   try:
     if _MODE.value == 'train':

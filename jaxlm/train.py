@@ -142,7 +142,7 @@ def make_train_step(
         carry=carry,
     )
     metrics = {'loss': loss, 'ce_sum': ce_sum, 'kl_sum': kl_sum,
-               'grad_norm': optax.global_norm(grads)}
+               'grad_norm': optax.tree.norm(grads)}
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=0)

@@ -70,8 +70,9 @@ class LSTMCore(nn.Module):
   unroll: int = 1
 
   def initial_carry(self, batch_size: int) -> LSTMCarry:
-    zeros = jnp.zeros((batch_size, self.hidden_size), jnp.float32)
-    return tuple((zeros, zeros) for _ in range(self.num_layers))
+    # Distinct arrays (not one zeros array reused): the train step donates the carry.
+    zeros = lambda: jnp.zeros((batch_size, self.hidden_size), jnp.float32)
+    return tuple((zeros(), zeros()) for _ in range(self.num_layers))
 
   def variational_masks(self, key: jax.Array, batch_size: int, input_size: int) -> dict[str, Any]:
     """Draws every mask of the stack for one window; each is [batch, features] or None."""

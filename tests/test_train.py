@@ -1,0 +1,175 @@
+"""The train step, the epoch loop, resuming and checkpoints, on the tiny config."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import checkpoint
+from jaxlm import config as config_lib
+from jaxlm import data
+from jaxlm import losses
+from jaxlm import metrics
+from jaxlm import models
+from jaxlm import train
+from jaxlm.errors import UserError
+
+
+@pytest.fixture
+def tiny(tfds_dir):
+  c = config_lib.tiny_config()
+  c.data.tfds_dir = str(tfds_dir)
+  return c
+
+
+def test_schedule_matches_the_papers_formula():
+  optim = config_lib.lstm_config('ptb', 'medium').optim  # lr 1, d 0.9, start 10
+  assert train.epoch_learning_rate(optim, 1) == 1.0
+  assert train.epoch_learning_rate(optim, 10) == 1.0
+  assert train.epoch_learning_rate(optim, 11) == pytest.approx(0.9)
+  assert train.epoch_learning_rate(optim, 13) == pytest.approx(0.9 ** 3)
+  # The optimizer's step-indexed schedule gives the same lr throughout each epoch.
+  steps_per_epoch = 7
+  tx = train.make_optimizer(optim, steps_per_epoch)
+  params = {'w': jnp.zeros(())}
+  state = tx.init(params)
+  for step in range(14 * steps_per_epoch):
+    epoch = step // steps_per_epoch + 1
+    # A unit gradient (below the clip norm) moves w by exactly -lr.
+    updates, state = tx.update({'w': jnp.ones(())}, state, params)
+    np.testing.assert_allclose(-updates['w'], train.epoch_learning_rate(optim, epoch), rtol=1e-6)
+
+
+def test_loss_is_ce_plus_weighted_kl_plus_l2_summed_over_time(tiny):
+  tiny.optim.weight_decay = 1e-3
+  tiny.loss.aug_weight = 3.0
+  model = models.build_model(tiny, 50)
+  params = train.init_params(model, jax.random.PRNGKey(0), 4, 6)
+  rng = np.random.default_rng(0)
+  inputs, targets = (rng.integers(0, 50, (4, 6)).astype(np.int32) for _ in range(2))
+  carry = model.initial_carry(4)
+  loss, (_, ce_sum, kl_sum) = train.make_loss_fn(model, tiny)(params, inputs, targets, carry,
+                                                             None)
+  logits, _ = model.apply({'params': params}, inputs, carry)
+  ce = losses.cross_entropy(logits, targets)
+  kl = losses.augmented_kl(logits, targets, params['embed']['embedding'], tiny.loss.temperature)
+  l2 = sum(float(np.sum(np.square(np.asarray(p, np.float64)))) for p in jax.tree.leaves(params))
+  expected = float(np.sum(ce)) / 4 + 3.0 * float(np.sum(kl)) / 4 + 1e-3 * l2 / 2
+  assert float(loss) == pytest.approx(expected, rel=1e-5)
+  assert float(ce_sum) == pytest.approx(float(np.sum(ce)), rel=1e-5)
+  assert float(kl_sum) == pytest.approx(float(np.sum(kl)), rel=1e-5)
+  tiny.loss.reduction = 'mean'
+  loss, _ = train.make_loss_fn(model, tiny)(params, inputs, targets, carry, None)
+  assert float(loss) == pytest.approx(
+      float(np.mean(ce)) + 3.0 * float(np.mean(kl)) + 1e-3 * l2 / 2, rel=1e-5)
+
+
+def test_train_step_is_clipped_sgd_on_the_loss(tiny):
+  model = models.build_model(tiny, 50)
+  tx = train.make_optimizer(tiny.optim, 10)
+  state = train.create_train_state(model, tx, 8, 10, seed=0)
+  rng = np.random.default_rng(1)
+  inputs, targets = (rng.integers(0, 50, (8, 10)).astype(np.int32) for _ in range(2))
+  masks = model.variational_masks(jax.random.fold_in(state.key, 0), 8)
+  grads, _ = jax.grad(train.make_loss_fn(model, tiny), has_aux=True)(
+      state.params, inputs, targets, state.carry, masks)
+  norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64)))
+                           for g in jax.tree.leaves(grads))))
+  scale = min(1.0, tiny.optim.clip_norm / norm) * tiny.optim.learning_rate
+  expected = jax.tree.map(lambda p, g: np.asarray(p) - scale * np.asarray(g), state.params, grads)
+  new_state, step_metrics = train.make_train_step(model, tx, tiny)(state, inputs, targets)
+  assert int(new_state.step) == 1
+  assert float(step_metrics['grad_norm']) == pytest.approx(norm, rel=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               new_state.params, expected)
+
+
+def test_tiny_training_lowers_perplexity(tiny, tmp_path):
+  tiny.num_epochs = 1
+  corpus = data.load_corpus('tiny', tfds_dir=tiny.data.tfds_dir)
+  model = models.build_model(tiny, len(corpus.vocab))
+  params = train.init_params(model, jax.random.PRNGKey(0), 1, 1)
+  windows = data.eval_windows(corpus.splits['valid'], 8, 10)
+  before = train.evaluate(model, train.make_eval_step(model), params, windows)
+  result = train.fit(tiny, str(tmp_path))
+  assert before > 0.8 * len(corpus.vocab)  # untrained: about uniform
+  assert result['valid_ppl'] < before / 10
+  assert result['test_ppl'] < before / 10
+  lines = metrics.read_metrics(str(tmp_path))
+  assert [l['kind'] for l in lines].count('epoch') == 1
+  assert lines[-1]['kind'] == 'test'
+  epoch_line = next(l for l in lines if l['kind'] == 'epoch')
+  assert set(epoch_line) >= {'epoch', 'step', 'lr', 'train_ppl', 'valid_ppl', 'tokens_per_sec'}
+  # The vocabulary is saved in the workdir.
+  assert data.Vocabulary.load(str(tmp_path / 'vocab.txt')) == corpus.vocab
+  # --mode=eval of the best checkpoint reproduces the final numbers.
+  again = train.evaluate_checkpoint(tiny, str(tmp_path))
+  assert again['valid_ppl'] == pytest.approx(result['valid_ppl'], rel=1e-6)
+  assert again['test_ppl'] == pytest.approx(result['test_ppl'], rel=1e-6)
+
+
+def latest_params(config, workdir):
+  corpus_vocab = data.Vocabulary.load(os.path.join(workdir, 'vocab.txt'))
+  model = models.build_model(config, len(corpus_vocab))
+  ckpt = checkpoint.Checkpointer(workdir)
+  tx = train.make_optimizer(config.optim, 1)
+  state = train.create_train_state(model, tx, config.batch_size, config.bptt, 0)
+  restored, meta = ckpt.restore_latest(
+      checkpoint.abstract(state), checkpoint.model_signature(config.model, len(corpus_vocab)))
+  ckpt.close()
+  return restored, meta
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
+  tiny.num_epochs = 2
+  tiny.checkpoint_every = 100
+  tiny.eval_max_tokens = 500
+  straight = train.fit(tiny, str(tmp_path / 'straight'))
+  # Stop mid-epoch (not at a checkpoint_every multiple), then resume with the same command.
+  tiny.max_steps = 250
+  stopped = train.fit(tiny, str(tmp_path / 'resumed'))
+  assert stopped['step'] == 250
+  tiny.max_steps = None
+  resumed = train.fit(tiny, str(tmp_path / 'resumed'))
+  assert resumed['step'] == straight['step']
+  a, meta_a = latest_params(tiny, str(tmp_path / 'straight'))
+  b, meta_b = latest_params(tiny, str(tmp_path / 'resumed'))
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  jax.tree.map(np.testing.assert_array_equal, a.carry, b.carry)
+  assert resumed['valid_ppl'] == straight['valid_ppl']
+  # No train step is logged twice after the resume.
+  steps = [l['step'] for l in metrics.read_metrics(str(tmp_path / 'resumed'))
+           if l['kind'] == 'train']
+  assert len(steps) == len(set(steps)) and steps == sorted(steps)
+  straight_steps = [l['step'] for l in metrics.read_metrics(str(tmp_path / 'straight'))
+                    if l['kind'] == 'train']
+  assert [s for s in steps if s != 250] == straight_steps  # 250: the stop's own line
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
+  tiny.optim.learning_rate = 1e38
+  tiny.checkpoint_every = 1
+  with pytest.raises(train.TrainingDiverged, match=r'at step \d+ .*the last good checkpoint'):
+    train.fit(tiny, str(tmp_path))
+  state, _ = latest_params(tiny, str(tmp_path))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_workdir_of_another_model_shape_is_refused(tiny, tmp_path):
+  tiny.max_steps = 5
+  tiny.eval_max_tokens = 100
+  train.fit(tiny, str(tmp_path))
+  tiny.model.hidden_size = tiny.model.embed_size = 16
+  with pytest.raises(UserError, match='different model .*hidden_size 32 vs 16'):
+    train.fit(tiny, str(tmp_path))
+  # Nothing saved was lost.
+  tiny.model.hidden_size = tiny.model.embed_size = 32
+  assert train.evaluate_checkpoint(tiny, str(tmp_path))['valid_ppl'] > 0
+
+
+def test_eval_of_an_empty_workdir_is_refused(tiny, tmp_path):
+  with pytest.raises(UserError, match='vocab'):
+    train.evaluate_checkpoint(tiny, str(tmp_path))
