@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from jaxlm import config as config_lib
 from jaxlm import train
 from jaxlm.errors import UserError
 
@@ -31,8 +32,31 @@ _SPLIT = flags.DEFINE_multi_enum(
     'split', ['valid', 'test'], ['valid', 'test'], 'Split(s) to evaluate in --mode=eval.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+# What a mistake on the command line raises while absl parses the flags or the config file.
+COMMAND_LINE_ERRORS = (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError,
+                       UserError)
 
-def _only_our_info(record) -> bool:
+
+def fail(error: Exception) -> None:
+  """Prints a user mistake as one line and exits with status 2, without a traceback."""
+  message = ' '.join(str(error).replace('\\n', ' ').replace("\\'", '').split())
+  if isinstance(error, (AttributeError, KeyError)):
+    key, _, hint = message.strip("'").partition(' ')
+    message = f"unknown config key '{key}'" + (f'; {hint[0].lower()}{hint[1:]}' if hint else '')
+  logging.flush()
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with mistakes reported by `fail`."""
+  try:
+    return flags.FLAGS(argv)
+  except COMMAND_LINE_ERRORS as e:
+    fail(e)
+
+
+def _only_our_info(record: std_logging.LogRecord) -> bool:
   """Keeps warnings and errors from everywhere, but info lines only from jaxlm."""
   return record.levelno >= std_logging.WARNING or 'jaxlm' in record.pathname or (
       record.pathname.endswith('launch.py'))
@@ -42,19 +66,21 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   std_logging.getLogger('absl').addFilter(_only_our_info)
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    config_lib.validate(config)  # a config file that failed to load raises only when read
+  except COMMAND_LINE_ERRORS as e:
+    fail(e)
   try:
     if _MODE.value == 'train':
       results = train.fit(config, _WORKDIR.value)
     else:
       results = train.evaluate_checkpoint(config, _WORKDIR.value, tuple(_SPLIT.value))
   except UserError as e:
-    logging.flush()
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    fail(e)
   print(' '.join(f'{k}={v:.2f}' if isinstance(v, float) else f'{k}={v}'
                  for k, v in results.items()))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -336,7 +336,11 @@ def evaluate_checkpoint(
   """Perplexity of a workdir's best parameters on `splits`, at `test_batch_size`."""
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
-  vocab = data_lib.Vocabulary.load(os.path.join(workdir, VOCAB_FILE))
+  vocab_path = os.path.join(workdir, VOCAB_FILE)
+  if not os.path.exists(vocab_path):
+    raise UserError(f'{workdir} holds no trained model (no {VOCAB_FILE}): check --workdir, or'
+                    ' train first with --mode=train')
+  vocab = data_lib.Vocabulary.load(vocab_path)
   corpus = data_lib.load_corpus(config.data.corpus, config.data.dir, config.data.tfds_dir)
   if corpus.vocab != vocab:
     raise UserError(f'{workdir} was trained on another corpus than {config.data.corpus!r}')
