@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+import tensorflow_datasets as tfds
 
 from jaxlm import config as config_lib
 from jaxlm import train
@@ -66,6 +67,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   std_logging.getLogger('absl').addFilter(_only_our_info)
+  tfds.disable_progress_bar()
   try:
     config = _CONFIG.value
     config_lib.validate(config)  # a config file that failed to load raises only when read

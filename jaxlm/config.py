@@ -7,12 +7,12 @@ schema (every key a user can override) lives in one place, `base_config`.
 import ml_collections
 from ml_collections import config_dict
 
+from jaxlm.data import CORPORA
 from jaxlm.errors import UserError
 
 SIZES = ('small', 'medium', 'large')
 VARIANTS = ('baseline', 'al', 're', 'real')
 CORES = ('lstm',)
-CORPORA = ('ptb', 'wikitext2', 'tiny')
 
 # The VD-LSTM recipe per size (PAPER.md, "VD-LSTM recipe"): hidden = embedding size, the
 # epoch after which the learning rate decays, the decay multiplier, the clipping norm, the
