@@ -17,6 +17,7 @@ from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
 from jaxlm import config as config_lib
+from jaxlm import evaluation
 from jaxlm import train
 from jaxlm.errors import UserError
 
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> None:
     if _MODE.value == 'train':
       results = train.fit(config, _WORKDIR.value)
     else:
-      results = train.evaluate_checkpoint(config, _WORKDIR.value, tuple(_SPLIT.value))
+      results = evaluation.evaluate_checkpoint(config, _WORKDIR.value, tuple(_SPLIT.value))
   except UserError as e:
     fail(e)
   print(' '.join(f'{k}={v:.2f}' if isinstance(v, float) else f'{k}={v}'

@@ -9,6 +9,7 @@
 
 from jaxlm import config
 from jaxlm import data
+from jaxlm import evaluation
 from jaxlm import losses
 from jaxlm import models
 from jaxlm import train

@@ -1,8 +1,9 @@
 """Checkpoints in a workdir: the latest train state (to resume) and the best parameters.
 
-Layout: `WORKDIR/checkpoints/latest/STEP` (train state + JSON meta: epoch, next window, model
-shape, ...) and `WORKDIR/checkpoints/best/STEP` (parameters + meta). Two managers, since one
-manager with `best_fn` and `max_to_keep=1` would delete the latest state (JAX_NOTES.md).
+Layout: `WORKDIR/vocab.txt`, `WORKDIR/checkpoints/latest/STEP` (train state + JSON meta:
+epoch, next window, model shape, ...) and `WORKDIR/checkpoints/best/STEP` (parameters + meta).
+Two managers, since one manager with `best_fn` and `max_to_keep=1` would delete the latest
+state (JAX_NOTES.md).
 """
 
 import os
@@ -11,10 +12,36 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from jaxlm.data import Vocabulary
 from jaxlm.errors import UserError
+
+VOCAB_FILE = 'vocab.txt'
 
 # Model keys that change the shapes of the parameters; a checkpoint restores only onto these.
 SHAPE_KEYS = ('core', 'num_layers', 'hidden_size', 'embed_size', 'tied', 'output_bias')
+
+
+def save_or_check_vocab(vocab: Vocabulary, workdir: str) -> None:
+  """Saves the vocabulary in the workdir, or checks it equals the one saved there."""
+  path = os.path.join(workdir, VOCAB_FILE)
+  if os.path.exists(path):
+    saved = Vocabulary.load(path)
+    if saved != vocab:
+      raise UserError(
+          f'{path} holds a different vocabulary ({len(saved)} words) than this corpus'
+          f' ({len(vocab)} words): use another --workdir for another corpus'
+      )
+  elif jax.process_index() == 0:
+    vocab.save(path)
+
+
+def load_workdir_vocab(workdir: str) -> Vocabulary:
+  """The vocabulary a workdir's model was trained with."""
+  path = os.path.join(workdir, VOCAB_FILE)
+  if not os.path.exists(path):
+    raise UserError(f'{workdir} holds no trained model (no {VOCAB_FILE}): check --workdir, or'
+                    ' train first with --mode=train')
+  return Vocabulary.load(path)
 
 
 def model_signature(model_config: Any, vocab_size: int) -> dict[str, Any]:

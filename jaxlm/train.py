@@ -10,7 +10,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from absl import logging
 import flax
@@ -22,14 +22,12 @@ import optax
 
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
+from jaxlm import evaluation
 from jaxlm import losses
 from jaxlm import models
-from jaxlm.checkpoint import Checkpointer, abstract, model_signature
+from jaxlm.checkpoint import Checkpointer, abstract, model_signature, save_or_check_vocab
 from jaxlm.errors import UserError
 from jaxlm.metrics import MetricsWriter
-
-VOCAB_FILE = 'vocab.txt'
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -63,20 +61,6 @@ def make_optimizer(
   return optax.chain(optax.clip_by_global_norm(optim.clip_norm), optax.sgd(schedule))
 
 
-def init_params(model: models.LanguageModel, key: jax.Array, batch_size: int, bptt: int) -> Any:
-  tokens = jnp.zeros((batch_size, bptt), jnp.int32)
-  return model.init(key, tokens, model.initial_carry(batch_size))['params']
-
-
-def param_shapes(model: models.LanguageModel) -> Any:
-  """The parameters' ShapeDtypeStructs, from shapes only (nothing is initialised)."""
-  return jax.eval_shape(lambda k: init_params(model, k, 1, 1), jax.random.PRNGKey(0))
-
-
-def count_params(model: models.LanguageModel) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(model)))
-
-
 def create_train_state(
     model: models.LanguageModel,
     tx: optax.GradientTransformation,
@@ -85,7 +69,7 @@ def create_train_state(
     seed: int,
 ) -> TrainState:
   init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
-  params = init_params(model, init_key, batch_size, bptt)
+  params = models.init_params(model, init_key, batch_size, bptt)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -148,36 +132,6 @@ def make_train_step(
   return jax.jit(train_step, donate_argnums=0)
 
 
-def make_eval_step(model: models.LanguageModel) -> Callable:
-  """The jitted deterministic step: (params, carry, inputs, targets, weights [batch, bptt]) ->
-  (carry, sum of weighted CE, sum of weights)."""
-
-  def eval_step(params, carry, inputs, targets, weights):
-    logits, carry = model.apply({'params': params}, inputs, carry)
-    ce = losses.cross_entropy(logits, targets)
-    return carry, jnp.sum(ce * weights), jnp.sum(weights)
-
-  return jax.jit(eval_step)
-
-
-def evaluate(
-    model: models.LanguageModel,
-    eval_step: Callable,
-    params: Any,
-    windows: tuple[np.ndarray, np.ndarray, np.ndarray],
-) -> float:
-  """Perplexity over `eval_windows` output ([num_windows, batch, bptt] each), state carried."""
-  inputs, targets, weights = windows
-  carry = model.initial_carry(inputs.shape[1])
-  ce_sums, counts = [], []
-  for x, y, w in zip(inputs, targets, weights):
-    carry, ce_sum, count = eval_step(params, carry, x, y, w)
-    ce_sums.append(ce_sum)
-    counts.append(count)
-  ce_total = np.sum(np.asarray(jax.device_get(ce_sums), np.float64))
-  return float(np.exp(ce_total / np.sum(np.asarray(jax.device_get(counts), np.float64))))
-
-
 @dataclasses.dataclass
 class Progress:
   """Where training stands; saved as the JSON meta of the latest checkpoint."""
@@ -189,20 +143,6 @@ class Progress:
   epoch_tokens: int = 0
 
 
-def prepare_vocab(vocab: data_lib.Vocabulary, workdir: str) -> None:
-  """Saves the vocabulary in the workdir, or checks it equals the one saved there."""
-  path = os.path.join(workdir, VOCAB_FILE)
-  if os.path.exists(path):
-    saved = data_lib.Vocabulary.load(path)
-    if saved != vocab:
-      raise UserError(
-          f'{path} holds a different vocabulary ({len(saved)} words) than this corpus'
-          f' ({len(vocab)} words): use another --workdir for another corpus'
-      )
-  elif jax.process_index() == 0:
-    vocab.save(path)
-
-
 def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) in `workdir`, then evaluates the best parameters.
 
@@ -212,7 +152,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   corpus = data_lib.load_corpus(config.data.corpus, config.data.dir, config.data.tfds_dir)
-  prepare_vocab(corpus.vocab, workdir)
+  save_or_check_vocab(corpus.vocab, workdir)
   model = models.build_model(config, len(corpus.vocab))
   signature = model_signature(config.model, len(corpus.vocab))
 
@@ -225,7 +165,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
   tx = make_optimizer(config.optim, steps_per_epoch)
   state = create_train_state(model, tx, config.batch_size, config.bptt, config.seed)
-  logging.info('model: %s parameters', f'{count_params(model):,}')
+  logging.info('model: %s parameters', f'{models.count_params(model):,}')
 
   checkpointer = Checkpointer(workdir)
   progress = Progress()
@@ -244,7 +184,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     checkpointer.save_latest(step, state, meta)
 
   train_step = make_train_step(model, tx, config)
-  eval_step = make_eval_step(model)
+  eval_step = evaluation.make_eval_step(model)
   valid_windows = data_lib.eval_windows(
       corpus.splits['valid'], config.eval_batch_size, config.bptt, config.eval_max_tokens
   )
@@ -297,7 +237,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           save_latest()
       train_time += time.perf_counter() - interval_start
 
-      valid_ppl = evaluate(model, eval_step, state.params, valid_windows)
+      valid_ppl = evaluation.evaluate(model, eval_step, state.params, valid_windows)
       epoch_done = progress.window == steps_per_epoch
       writer.write(
           'epoch', step, epoch=epoch, complete=epoch_done,
@@ -319,7 +259,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     checkpointer.wait()
     best = checkpointer.restore_best(abstract(state.params), signature)
     params = state.params if best is None else best[0]
-    final = final_evaluation(config, model, eval_step, params, corpus)
+    final = evaluation.split_perplexities(config, model, eval_step, params, corpus)
     writer.write('test', step, **final)
     logging.info('best parameters: valid ppl %.2f, test ppl %.2f (batch %d)',
                  final['valid_ppl'], final['test_ppl'], config.test_batch_size)
@@ -328,43 +268,6 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     checkpointer.wait()
     checkpointer.close()
     writer.close()
-
-
-def evaluate_checkpoint(
-    config: ml_collections.ConfigDict, workdir: str, splits: tuple[str, ...] = ('valid', 'test')
-) -> dict[str, float]:
-  """Perplexity of a workdir's best parameters on `splits`, at `test_batch_size`."""
-  config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
-  vocab_path = os.path.join(workdir, VOCAB_FILE)
-  if not os.path.exists(vocab_path):
-    raise UserError(f'{workdir} holds no trained model (no {VOCAB_FILE}): check --workdir, or'
-                    ' train first with --mode=train')
-  vocab = data_lib.Vocabulary.load(vocab_path)
-  corpus = data_lib.load_corpus(config.data.corpus, config.data.dir, config.data.tfds_dir)
-  if corpus.vocab != vocab:
-    raise UserError(f'{workdir} was trained on another corpus than {config.data.corpus!r}')
-  model = models.build_model(config, len(vocab))
-  checkpointer = Checkpointer(workdir)
-  try:
-    best = checkpointer.restore_best(param_shapes(model), model_signature(config.model, len(vocab)))
-  finally:
-    checkpointer.close()
-  if best is None:
-    raise UserError(f'{workdir} has no best checkpoint yet: train first (--mode=train)')
-  return final_evaluation(config, model, make_eval_step(model), best[0], corpus, splits)
-
-
-def final_evaluation(
-    config: ml_collections.ConfigDict, model: models.LanguageModel, eval_step: Callable,
-    params: Any, corpus: data_lib.Corpus, splits: tuple[str, ...] = ('valid', 'test'),
-) -> dict[str, float]:
-  """Perplexity of `params` on each split at `test_batch_size` (the paper's protocol: 1)."""
-  return {
-      f'{split}_ppl': evaluate(model, eval_step, params, data_lib.eval_windows(
-          corpus.splits[split], config.test_batch_size, config.bptt, config.eval_max_tokens))
-      for split in splits
-  }
 
 
 def _format_duration(seconds: float) -> str:

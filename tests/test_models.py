@@ -10,7 +10,6 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import models
-from jaxlm import train
 
 V, D, B, T = 23, 8, 4, 6
 
@@ -194,7 +193,7 @@ def lstm_param_count(vocab, size, layers, tied):
     ('large,baseline', 66e6), ('small,re', 2.64e6)])
 def test_parameter_counts(arg, approx):
   config = config_lib.lstm_config('ptb', arg)
-  count = train.count_params(models.build_model(config, 10000))
+  count = models.count_params(models.build_model(config, 10000))
   size = config.model.hidden_size
   assert count == lstm_param_count(10000, size, 2, config.model.tied)
   assert abs(count - approx) / approx < 0.01
@@ -203,7 +202,7 @@ def test_parameter_counts(arg, approx):
 def test_initialisation_is_symmetric_uniform():
   config = config_lib.lstm_config('ptb', 'small')
   model = models.build_model(config, 1000)
-  params = train.init_params(model, jax.random.PRNGKey(0), 2, 3)
+  params = models.init_params(model, jax.random.PRNGKey(0), 2, 3)
   scale = config.model.init_scale
   for leaf in jax.tree.leaves(params):
     leaf = np.asarray(leaf)

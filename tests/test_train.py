@@ -1,6 +1,5 @@
 """The train step, the epoch loop, resuming and checkpoints, on the tiny config."""
 
-import json
 import os
 
 import jax
@@ -11,6 +10,7 @@ import pytest
 from jaxlm import checkpoint
 from jaxlm import config as config_lib
 from jaxlm import data
+from jaxlm import evaluation
 from jaxlm import losses
 from jaxlm import metrics
 from jaxlm import models
@@ -47,7 +47,7 @@ def test_loss_is_ce_plus_weighted_kl_plus_l2_summed_over_time(tiny):
   tiny.optim.weight_decay = 1e-3
   tiny.loss.aug_weight = 3.0
   model = models.build_model(tiny, 50)
-  params = train.init_params(model, jax.random.PRNGKey(0), 4, 6)
+  params = models.init_params(model, jax.random.PRNGKey(0), 4, 6)
   rng = np.random.default_rng(0)
   inputs, targets = (rng.integers(0, 50, (4, 6)).astype(np.int32) for _ in range(2))
   carry = model.initial_carry(4)
@@ -91,9 +91,9 @@ def test_tiny_training_lowers_perplexity(tiny, tmp_path):
   tiny.num_epochs = 1
   corpus = data.load_corpus('tiny', tfds_dir=tiny.data.tfds_dir)
   model = models.build_model(tiny, len(corpus.vocab))
-  params = train.init_params(model, jax.random.PRNGKey(0), 1, 1)
+  params = models.init_params(model, jax.random.PRNGKey(0), 1, 1)
   windows = data.eval_windows(corpus.splits['valid'], 8, 10)
-  before = train.evaluate(model, train.make_eval_step(model), params, windows)
+  before = evaluation.evaluate(model, evaluation.make_eval_step(model), params, windows)
   result = train.fit(tiny, str(tmp_path))
   assert before > 0.8 * len(corpus.vocab)  # untrained: about uniform
   assert result['valid_ppl'] < before / 10
@@ -106,7 +106,7 @@ def test_tiny_training_lowers_perplexity(tiny, tmp_path):
   # The vocabulary is saved in the workdir.
   assert data.Vocabulary.load(str(tmp_path / 'vocab.txt')) == corpus.vocab
   # --mode=eval of the best checkpoint reproduces the final numbers.
-  again = train.evaluate_checkpoint(tiny, str(tmp_path))
+  again = evaluation.evaluate_checkpoint(tiny, str(tmp_path))
   assert again['valid_ppl'] == pytest.approx(result['valid_ppl'], rel=1e-6)
   assert again['test_ppl'] == pytest.approx(result['test_ppl'], rel=1e-6)
 
@@ -167,9 +167,9 @@ def test_workdir_of_another_model_shape_is_refused(tiny, tmp_path):
     train.fit(tiny, str(tmp_path))
   # Nothing saved was lost.
   tiny.model.hidden_size = tiny.model.embed_size = 32
-  assert train.evaluate_checkpoint(tiny, str(tmp_path))['valid_ppl'] > 0
+  assert evaluation.evaluate_checkpoint(tiny, str(tmp_path))['valid_ppl'] > 0
 
 
 def test_eval_of_an_empty_workdir_is_refused(tiny, tmp_path):
   with pytest.raises(UserError, match='vocab'):
-    train.evaluate_checkpoint(tiny, str(tmp_path))
+    evaluation.evaluate_checkpoint(tiny, str(tmp_path))

@@ -3,7 +3,7 @@
 import ml_collections
 
 from jaxlm.models.dropout import apply_mask, bernoulli_mask, gather_word_mask
-from jaxlm.models.lm import LanguageModel, embedding_matrix
+from jaxlm.models.lm import LanguageModel, count_params, embedding_matrix, init_params, param_shapes
 from jaxlm.models.lstm import LSTMCore, lstm_scan
 
 

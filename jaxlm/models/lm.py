@@ -1,9 +1,11 @@
 """The language model: embedding -> recurrent core -> read-out (tied: `Embed.attend`)."""
 
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxlm.models import dropout
 from jaxlm.models.initializers import symmetric_uniform
@@ -77,3 +79,19 @@ class LanguageModel(nn.Module):
 def embedding_matrix(params: Any) -> jax.Array:
   """The input embedding E, [vocab, embed], from a LanguageModel's `params` collection."""
   return params['embed']['embedding']
+
+
+def init_params(model: LanguageModel, key: jax.Array, batch_size: int, bptt: int) -> Any:
+  """Initialises the `params` collection for windows of [batch_size, bptt] tokens."""
+  tokens = jnp.zeros((batch_size, bptt), jnp.int32)
+  return model.init(key, tokens, model.initial_carry(batch_size))['params']
+
+
+def param_shapes(model: LanguageModel) -> Any:
+  """The parameters' ShapeDtypeStructs, from shapes only (nothing is initialised)."""
+  return jax.eval_shape(lambda k: init_params(model, k, 1, 1), jax.random.PRNGKey(0))
+
+
+def count_params(model: LanguageModel) -> int:
+  """The number of parameters, without initialising them."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(model)))
