@@ -36,14 +36,22 @@ def make_eval_step(model: models.LanguageModel) -> Callable:
 
 
 def evaluate(
-    model: models.LanguageModel, eval_step: Callable, params: Any, windows: EvalWindows
+    model: models.LanguageModel,
+    eval_step: Callable,
+    params: Any,
+    windows: EvalWindows,
+    place: Callable[[Any], Any] = lambda tree: tree,
 ) -> float:
-  """Perplexity over `windows`, the recurrent state carried from window to window."""
+  """Perplexity over `windows`, the recurrent state carried from window to window.
+
+  `place` puts a pytree of [batch, ...] host arrays on the devices (e.g. sharded over a mesh);
+  it is applied to the initial carry and to each window.
+  """
   inputs, targets, weights = windows
-  carry = model.initial_carry(inputs.shape[1])
+  carry = place(model.initial_carry(inputs.shape[1]))
   ce_sums, counts = [], []
-  for x, y, w in zip(inputs, targets, weights):
-    carry, ce_sum, count = eval_step(params, carry, x, y, w)
+  for window in zip(inputs, targets, weights):
+    carry, ce_sum, count = eval_step(params, carry, *place(window))
     ce_sums.append(ce_sum)
     counts.append(count)
   ce_total = np.sum(np.asarray(jax.device_get(ce_sums), np.float64))
