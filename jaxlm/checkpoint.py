@@ -1,21 +1,24 @@
 """Checkpoints in a workdir: the latest train state (to resume) and the best parameters.
 
-Layout: `WORKDIR/vocab.txt`, `WORKDIR/checkpoints/latest/STEP` (train state + JSON meta:
+Layout: `WORKDIR/vocab.txt`, `WORKDIR/config.json`, `WORKDIR/checkpoints/latest/STEP` (train state + JSON meta:
 epoch, next window, model shape, ...) and `WORKDIR/checkpoints/best/STEP` (parameters + meta).
 Two managers, since one manager with `best_fn` and `max_to_keep=1` would delete the latest
 state (JAX_NOTES.md).
 """
 
+import json
 import os
 from typing import Any, Optional
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 from jaxlm.data import Vocabulary
 from jaxlm.errors import UserError
 
 VOCAB_FILE = 'vocab.txt'
+CONFIG_FILE = 'config.json'
 
 # Model keys that change the shapes of the parameters; a checkpoint restores only onto these.
 SHAPE_KEYS = ('core', 'num_layers', 'hidden_size', 'embed_size', 'tied', 'output_bias')
@@ -42,6 +45,23 @@ def load_workdir_vocab(workdir: str) -> Vocabulary:
     raise UserError(f'{workdir} holds no trained model (no {VOCAB_FILE}): check --workdir, or'
                     ' train first with --mode=train')
   return Vocabulary.load(path)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the run's config as JSON, so that a workdir alone describes its model."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
+      f.write(config.to_json(indent=2, sort_keys=True))
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was last trained with (see `save_config`)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise UserError(f'{workdir} holds no trained model (no {CONFIG_FILE}): check --workdir, or'
+                    ' train first with --mode=train')
+  with open(path, encoding='utf-8') as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def model_signature(model_config: Any, vocab_size: int) -> dict[str, Any]:

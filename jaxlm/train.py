@@ -25,7 +25,7 @@ from jaxlm import data as data_lib
 from jaxlm import evaluation
 from jaxlm import losses
 from jaxlm import models
-from jaxlm.checkpoint import Checkpointer, abstract, model_signature, save_or_check_vocab
+from jaxlm.checkpoint import Checkpointer, abstract, model_signature, save_config, save_or_check_vocab
 from jaxlm.errors import UserError
 from jaxlm.metrics import MetricsWriter
 
@@ -153,6 +153,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   os.makedirs(workdir, exist_ok=True)
   corpus = data_lib.load_corpus(config.data.corpus, config.data.dir, config.data.tfds_dir)
   save_or_check_vocab(corpus.vocab, workdir)
+  save_config(config, workdir)
   model = models.build_model(config, len(corpus.vocab))
   signature = model_signature(config.model, len(corpus.vocab))
 

@@ -173,3 +173,10 @@ def test_workdir_of_another_model_shape_is_refused(tiny, tmp_path):
 def test_eval_of_an_empty_workdir_is_refused(tiny, tmp_path):
   with pytest.raises(UserError, match='vocab'):
     evaluation.evaluate_checkpoint(tiny, str(tmp_path))
+
+
+def test_workdir_keeps_its_config(tiny, tmp_path):
+  tiny.max_steps = 2
+  tiny.eval_max_tokens = 50
+  train.fit(tiny, str(tmp_path))
+  assert checkpoint.load_workdir_config(str(tmp_path)).to_dict() == tiny.to_dict()
