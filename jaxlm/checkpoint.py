@@ -147,6 +147,31 @@ class Checkpointer:
     )
     return restored.params, restored.meta
 
+  def restore_latest_params(
+      self, abstract_params: Any, signature: dict[str, Any]
+  ) -> Optional[tuple[Any, dict[str, Any]]]:
+    """The parameters of the latest train state and its meta, or None in a fresh workdir.
+
+    Restores only `state.params` (a partial restore), so it needs neither the optimizer nor
+    the train state's type.
+    """
+    step = self._latest.latest_step()
+    if step is None:
+      return None
+    meta = self._restore_meta(self._latest, step)
+    self._check_signature(meta, signature, self.latest_dir)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {'params': jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device),
+        abstract_params)}
+    restored = self._latest.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)),
+    )
+    return restored.state['params'], meta
+
   def wait(self) -> None:
     """Blocks until every asynchronous save has been written."""
     self._latest.wait_until_finished()
