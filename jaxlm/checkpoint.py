@@ -21,7 +21,7 @@ VOCAB_FILE = 'vocab.txt'
 CONFIG_FILE = 'config.json'
 
 # Model keys that change the shapes of the parameters; a checkpoint restores only onto these.
-SHAPE_KEYS = ('core', 'num_layers', 'hidden_size', 'embed_size', 'tied', 'output_bias')
+SHAPE_KEYS = ('core', 'num_layers', 'hidden_size', 'embed_size', 'tied', 'output_bias', 'depth')
 
 
 def save_or_check_vocab(vocab: Vocabulary, workdir: str) -> None:

@@ -12,7 +12,7 @@ from jaxlm.errors import UserError
 
 SIZES = ('small', 'medium', 'large')
 VARIANTS = ('baseline', 'al', 're', 'real')
-CORES = ('lstm',)
+CORES = ('lstm', 'rhn')
 
 # The VD-LSTM recipe per size (PAPER.md, "VD-LSTM recipe"): hidden = embedding size, the
 # epoch after which the learning rate decays, the decay multiplier, the clipping norm, the
@@ -29,6 +29,11 @@ LSTM_SIZES = {
 AUG_GAMMA = {'ptb': 0.5, 'wikitext2': 1.0, 'tiny': 0.5}
 TEMPERATURE = 20.0
 
+# The VD-RHN recipe (PAPER.md, "VD-RHN recipe"; Zilly et al.'s reference config `ptb_sota`).
+RHN_RECIPE = dict(depth=10, hidden=830, init=0.04, transform_bias=-2.0, learning_rate=0.2,
+                  decay=1 / 1.02, decay_start=20, epochs=500, weight_decay=1e-7, clip=10.0,
+                  drop=dict(embed=0.25, input=0.75, state=0.25, output=0.75))
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Every key of the schema with its default (the medium VD-LSTM+REAL on PTB)."""
@@ -43,6 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_steps = config_dict.placeholder(int)  # stop after this many global train steps
   c.log_every = 100  # steps between `train` lines in metrics.jsonl
   c.checkpoint_every = 500  # steps between saves of the latest state (and at every epoch end)
+  # Monte-Carlo dropout evaluation (PAPER.md): each target's probability averaged over
+  # `mc_samples` passes with masks drawn once per pass; 0: off. Reported as SPLIT_mc_ppl.
+  c.mc_samples = 0
+  c.mc_max_ppl = 500.0  # a pass with this perplexity or more is discarded and redrawn
+  c.mc_batch = 10  # passes run side by side as the rows of one batch
 
   c.data = ml_collections.ConfigDict()
   c.data.corpus = 'ptb'
@@ -57,7 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tied = True
   c.model.output_bias = False
   c.model.init_scale = 0.05
-  c.model.forget_bias_init = 0.0
+  c.model.forget_bias_init = 0.0  # LSTM
+  c.model.depth = 10  # RHN: micro-layers per time step
+  c.model.transform_bias_init = -2.0  # RHN: initial bias of the transform gate T
+  c.model.micro_scan = False  # RHN: lax.scan over the micro-layers instead of unrolling them
   c.model.unroll = 1
 
   c.dropout = ml_collections.ConfigDict()
@@ -65,7 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dropout.input = 0.5
   c.dropout.state = 0.5
   c.dropout.output = 0.5
-  c.dropout.share_state_and_input = True
+  c.dropout.share_state_and_input = True  # LSTM: state mask also drops the output upward
+  c.dropout.separate_gate_masks = False  # RHN: own masks for the H and T transforms
 
   c.loss = ml_collections.ConfigDict()
   c.loss.aug_weight = AUG_GAMMA['ptb'] * TEMPERATURE  # alpha; gamma = alpha / temperature
@@ -125,9 +139,53 @@ def lstm_config(corpus: str, arg: str | None) -> ml_collections.ConfigDict:
   return c
 
 
+def parse_variant(arg: str | None, default: str, example: str) -> str:
+  """'VARIANT' (or nothing) -> the variant; for recipes without sizes."""
+  parts = [p.strip() for p in (arg or '').split(',') if p.strip()]
+  if len(parts) > 1 or (parts and parts[0] not in VARIANTS):
+    raise UserError(f'unknown config argument {arg!r}: expected one variant of {VARIANTS},'
+                    f' e.g. {example}')
+  return parts[0] if parts else default
+
+
+def rhn_config(corpus: str, arg: str | None) -> ml_collections.ConfigDict:
+  """The VD-RHN recipe (depth 10, 830 units) on `corpus`; `arg` = VARIANT, default 're'.
+
+  re is the paper's row (tied, with the reference's output bias); real adds the augmented
+  loss; baseline unties the read-out.
+  """
+  variant = parse_variant(arg, 're', 'configs/ptb_rhn.py:real')
+  r = RHN_RECIPE
+  c = base_config()
+  c.data.corpus = corpus
+  c.num_epochs = r['epochs']
+  c.model.core = 'rhn'
+  c.model.num_layers = 1
+  c.model.depth = r['depth']
+  c.model.hidden_size = c.model.embed_size = r['hidden']
+  c.model.init_scale = r['init']
+  c.model.transform_bias_init = r['transform_bias']
+  c.model.output_bias = True
+  for key, rate in r['drop'].items():
+    c.dropout[key] = rate
+  c.dropout.share_state_and_input = False  # an LSTM option; the RHN has its own `output` rate
+  c.optim.learning_rate = r['learning_rate']
+  c.optim.lr_decay = r['decay']
+  c.optim.decay_start = r['decay_start']
+  c.optim.clip_norm = r['clip']
+  c.optim.weight_decay = r['weight_decay']
+  apply_variant(c, variant, corpus)
+  return c
+
+
 def tiny_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """A tied LSTM+REAL of 32 units on the generated tiny corpus: trains in seconds on a CPU."""
-  _, variant = parse_arg(arg, 'small,real')
+  """A tied LSTM+REAL of 32 units on the generated tiny corpus: trains in seconds on a CPU.
+
+  `arg` = '[CORE,][VARIANT]': CORE 'rhn' gives a 32-unit RHN of depth 3 instead.
+  """
+  parts = [p.strip() for p in (arg or '').split(',') if p.strip()]
+  core = 'rhn' if 'rhn' in parts else 'lstm'
+  _, variant = parse_arg(','.join(p for p in parts if p not in CORES), 'small,real')
   c = base_config()
   c.data.corpus = 'tiny'
   c.batch_size = 8
@@ -143,6 +201,14 @@ def tiny_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dropout.input = c.dropout.state = c.dropout.output = 0.1
   c.optim.decay_start = 2
   c.optim.lr_decay = 0.5
+  if core == 'rhn':
+    c.model.core = 'rhn'
+    c.model.num_layers = 1
+    c.model.depth = 3
+    c.model.output_bias = True
+    c.dropout.embed = 0.05
+    c.dropout.share_state_and_input = False
+    c.optim.weight_decay = 1e-7
   apply_variant(c, variant, 'tiny')
   return c
 
@@ -160,12 +226,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.num_epochs >= 0, f'config.num_epochs must be >= 0, got {c.num_epochs}')
   for key in ('max_steps', 'eval_max_tokens'):
     _check(c[key] is None or c[key] > 0, f'config.{key} must be > 0 (or unset), got {c[key]}')
+  _check(c.mc_samples >= 0, f'config.mc_samples must be >= 0 (0: no MC evaluation), got'
+         f' {c.mc_samples}')
+  _check(c.mc_max_ppl > 0, f'config.mc_max_ppl must be > 0, got {c.mc_max_ppl}')
+  _check(c.mc_batch > 0, f'config.mc_batch must be > 0, got {c.mc_batch}')
   _check(c.data.corpus in CORPORA,
          f'config.data.corpus must be one of {CORPORA}, got {c.data.corpus!r}')
 
   m = c.model
   _check(m.core in CORES, f'config.model.core must be one of {CORES}, got {m.core!r}')
-  for key in ('num_layers', 'hidden_size', 'embed_size', 'unroll'):
+  for key in ('num_layers', 'hidden_size', 'embed_size', 'depth', 'unroll'):
     _check(m[key] > 0, f'config.model.{key} must be > 0, got {m[key]}')
   _check(m.init_scale > 0, f'config.model.init_scale must be > 0, got {m.init_scale}')
   _check(
@@ -178,7 +248,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     rate = c.dropout[key]
     _check(0.0 <= rate < 1.0, f'config.dropout.{key} is a drop probability in [0, 1), got {rate}')
   _check(
-      not c.dropout.share_state_and_input or c.dropout.output == c.dropout.state,
+      m.core != 'lstm' or not c.dropout.share_state_and_input
+      or c.dropout.output == c.dropout.state,
       f'config.dropout.output ({c.dropout.output}) is unused while'
       f' dropout.share_state_and_input is true (the output takes the state mask of rate'
       f' {c.dropout.state}): set it equal to dropout.state, or share_state_and_input=False',

@@ -5,6 +5,7 @@ import importlib.util
 import pytest
 
 from jaxlm import config as config_lib
+from jaxlm import train
 from jaxlm.errors import UserError
 from tests.conftest import REPO
 
@@ -16,7 +17,7 @@ def load_config_file(name, arg=None):
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
-@pytest.mark.parametrize('name', ['ptb_lstm', 'wt2_lstm', 'tiny'])
+@pytest.mark.parametrize('name', ['ptb_lstm', 'wt2_lstm', 'tiny', 'ptb_rhn', 'wt2_rhn'])
 def test_config_files_load_bare_and_validate(name):
   config = load_config_file(name)
   config_lib.validate(config)
@@ -81,6 +82,11 @@ def test_bad_config_argument(arg):
     ('loss.reduction', 'sum', 'reduction'),
     ('dropout.output', 0.3, 'share_state_and_input'),
     ('optim.learning_rate', 0.0, 'learning_rate'),
+    ('model.depth', 0, 'model.depth must be > 0'),
+    ('model.core', 'gru', 'model.core must be one of'),
+    ('mc_samples', -1, 'mc_samples must be >= 0'),
+    ('mc_max_ppl', 0.0, 'mc_max_ppl must be > 0'),
+    ('mc_batch', 0, 'mc_batch must be > 0'),
 ])
 def test_validation_errors(key, value, match):
   c = config_lib.tiny_config()
@@ -94,3 +100,67 @@ def test_untied_model_may_differ_in_sizes():
   c = config_lib.tiny_config('baseline')
   c.model.hidden_size = 64
   config_lib.validate(c)
+
+
+@pytest.mark.parametrize('name,corpus,gamma', [
+    ('ptb_rhn', 'ptb', 0.5), ('wt2_rhn', 'wikitext2', 1.0)])
+@pytest.mark.parametrize('variant', [None, 're', 'real', 'baseline', 'al'])
+def test_rhn_recipe(name, corpus, gamma, variant):
+  """Zilly et al.'s `ptb_sota` (PAPER.md, "VD-RHN recipe"); the default variant is RE."""
+  c = load_config_file(name, variant)
+  config_lib.validate(c)
+  variant = variant or 're'
+  assert c.data.corpus == corpus
+  m = c.model
+  assert (m.core, m.num_layers, m.depth, m.hidden_size, m.embed_size) == ('rhn', 1, 10, 830, 830)
+  assert m.init_scale == 0.04 and m.transform_bias_init == -2.0 and m.output_bias
+  assert m.tied == (variant in ('re', 'real'))
+  assert (c.dropout.embed, c.dropout.input, c.dropout.state, c.dropout.output) == (
+      0.25, 0.75, 0.25, 0.75)
+  assert not c.dropout.separate_gate_masks
+  assert c.batch_size == 20 and c.bptt == 35 and c.num_epochs == 500 and c.test_batch_size == 1
+  o = c.optim
+  assert (o.learning_rate, o.decay_start, o.clip_norm, o.weight_decay) == (0.2, 20, 10.0, 1e-7)
+  assert o.lr_decay == pytest.approx(1 / 1.02)
+  assert c.loss.reduction == 'sum_over_time'
+  if variant in ('al', 'real'):
+    assert c.loss.aug_weight == pytest.approx(gamma * c.loss.temperature)
+  else:
+    assert c.loss.aug_weight == 0.0
+
+
+def test_rhn_schedule_divides_by_1_02_after_epoch_20():
+  optim = config_lib.rhn_config('ptb', None).optim
+  assert train.epoch_learning_rate(optim, 20) == 0.2
+  assert train.epoch_learning_rate(optim, 21) == pytest.approx(0.2 / 1.02)
+  assert train.epoch_learning_rate(optim, 30) == pytest.approx(0.2 / 1.02 ** 10)
+
+
+@pytest.mark.parametrize('arg,core,variant', [
+    ('rhn', 'rhn', 'real'), ('rhn,re', 'rhn', 're'), ('baseline,rhn', 'rhn', 'baseline'),
+    (None, 'lstm', 'real'), ('re', 'lstm', 're')])
+def test_tiny_core_argument(arg, core, variant):
+  c = config_lib.tiny_config(arg)
+  config_lib.validate(c)
+  assert c.model.core == core and c.data.corpus == 'tiny'
+  assert c.model.tied == (variant in ('re', 'real'))
+  assert (c.loss.aug_weight > 0) == (variant in ('al', 'real'))
+  if core == 'rhn':
+    assert c.model.num_layers == 1 and c.model.depth == 3 and c.model.hidden_size == 32
+
+
+@pytest.mark.parametrize('arg', ['small', 're,real', 'medium,re'])
+def test_bad_rhn_argument(arg):
+  with pytest.raises(UserError, match='unknown config argument'):
+    config_lib.rhn_config('ptb', arg)
+
+
+def test_rhn_output_rate_is_its_own():
+  """share_state_and_input is an LSTM option: an RHN's output rate may differ from its state
+  rate whatever that switch says."""
+  c = config_lib.rhn_config('ptb', None)
+  c.dropout.share_state_and_input = True
+  config_lib.validate(c)
+  c.model.core = 'lstm'
+  with pytest.raises(UserError, match='share_state_and_input'):
+    config_lib.validate(c)
