@@ -18,11 +18,13 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
 from jaxlm import config as config_lib
 from jaxlm import inference
+from jaxlm import sharding
 from jaxlm import train
 from jaxlm.errors import UserError
 
@@ -40,6 +42,9 @@ _MODE = flags.DEFINE_enum(
     ' perplexity of --text_file.')
 _SPLIT = flags.DEFINE_multi_enum(
     'split', ['valid', 'test'], ['valid', 'test'], 'eval: split(s) to evaluate.')
+_MC_SAMPLES = flags.DEFINE_integer(
+    'mc_samples', None, 'eval: also report Monte-Carlo dropout perplexities (SPLIT_mc_ppl)'
+    ' averaging each target\'s probability over this many passes (config.mc_samples).')
 _CHECKPOINT = flags.DEFINE_enum(
     'checkpoint', 'best', list(inference.CHECKPOINTS),
     'eval, predict, sample, score: the parameters with the best validation perplexity, or'
@@ -66,12 +71,23 @@ _COMPARE_WORKDIR = flags.DEFINE_string(
 _TEXT_FILE = flags.DEFINE_string(
     'text_file', None, 'score: a UTF-8 text file, one sentence per line (<eos> after each); the'
     ' state is carried across lines and the first word only conditions the rest.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Run as one of several processes (every host of a TPU pod slice, GPU'
+    ' hosts): jax.distributed.initialize() first. With no other flag JAX finds the cluster'
+    ' itself (Cloud TPU, Slurm, ...).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, '--distributed: HOST:PORT of process 0, where JAX cannot'
+    ' detect it.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, '--distributed: the number of processes, where JAX cannot detect it.')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, '--distributed: this process\'s index, where JAX cannot detect it.')
 flags.mark_flags_as_required(['workdir'])
 
 # The flags each mode reads beyond --config, --workdir and --mode; any other is a mistake.
 MODE_FLAGS = {
     'train': (),
-    'eval': ('split', 'checkpoint'),
+    'eval': ('split', 'checkpoint', 'mc_samples'),
     'predict': ('checkpoint', 'prompt', 'prompts_file', 'top_k', 'compare_workdir'),
     'sample': ('checkpoint', 'prompt', 'prompts_file', 'top_k', 'top_p', 'temperature',
                'num_tokens', 'seed'),
@@ -138,6 +154,9 @@ def run(mode: str, config) -> str:
   trained = inference.load_trained(_WORKDIR.value, _CHECKPOINT.value, config)
   model, params, vocab = trained.model, trained.params, trained.vocab
   if mode == 'eval':
+    if _MC_SAMPLES.value is not None:
+      trained.config.mc_samples = _MC_SAMPLES.value
+      config_lib.validate(trained.config)
     results = inference.evaluate_trained(trained, _SPLIT.value)
     return ' '.join(f'{k}={v:.2f}' for k, v in results.items())
   if mode == 'predict':
@@ -168,8 +187,13 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   std_logging.getLogger('absl').addFilter(_only_our_info)
   tfds.disable_progress_bar()
+  if _DISTRIBUTED.value:  # before anything touches a device
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     check_mode_flags(_MODE.value)
+    for name in ('coordinator_address', 'num_processes', 'process_id'):
+      if flags.FLAGS[name].present and not _DISTRIBUTED.value:
+        raise UserError(f'--{name} goes with --distributed: add it, or drop --{name}')
     config = _CONFIG.value
     if config is None and _MODE.value == 'train':
       raise UserError('--mode=train needs --config, e.g. --config=configs/tiny.py')
@@ -178,7 +202,9 @@ def main(argv: list[str]) -> None:
   except COMMAND_LINE_ERRORS as e:
     fail(e)
   try:
-    output = run(_MODE.value, config)
+    precision = (config or config_lib.base_config()).model.matmul_precision
+    with jax.default_matmul_precision(precision):
+      output = run(_MODE.value, config)
   except UserError as e:
     fail(e)
   print(output)

@@ -1,6 +1,8 @@
 """Times the jitted train step of a config on random token ids; prints compile time and tokens/s.
 
   python benchmarks/train_step.py --config=configs/ptb_lstm.py:medium,real --steps=20
+  JAX_NUM_CPU_DEVICES=8 python benchmarks/train_step.py --config=configs/ptb_lstm.py:small \
+      --config.batch_size=16   # data-parallel over 8 simulated CPU devices
 
 Compare with the PyTorch peer on the same machine in the same session
 (../shared/bench/peer_torch_lstm.py HIDDEN BPTT BATCH STEPS).
@@ -15,6 +17,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from jaxlm import models
+from jaxlm import sharding
 from jaxlm import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/ptb_lstm.py:medium,real',
@@ -27,11 +30,17 @@ def main(_):
   config = _CONFIG.value
   model = models.build_model(config, _VOCAB.value)
   tx = train.make_optimizer(config.optim, steps_per_epoch=1000)
-  state = train.create_train_state(model, tx, config.batch_size, config.bptt, config.seed)
-  step = train.make_train_step(model, tx, config)
+  mesh = sharding.make_mesh(config)
+  new_state = lambda: train.create_train_state(
+      model, tx, config.batch_size, config.bptt, config.seed)
+  shardings = sharding.state_shardings(jax.eval_shape(new_state), mesh)
+  state = jax.jit(new_state, out_shardings=shardings)()
+  step = train.make_train_step(model, tx, config, mesh, shardings)
   rng = np.random.default_rng(0)
   shape = (config.batch_size, config.bptt)
-  inputs, targets = (rng.integers(0, _VOCAB.value, shape).astype(np.int32) for _ in range(2))
+  inputs, targets = sharding.put_batch(
+      [rng.integers(0, _VOCAB.value, shape).astype(np.int32) for _ in range(2)],
+      sharding.batch_sharding(mesh), config.batch_size)
 
   start = time.perf_counter()
   state, metrics = step(state, inputs, targets)
@@ -47,7 +56,7 @@ def main(_):
   elapsed = time.perf_counter() - start
   tokens = _STEPS.value * config.batch_size * config.bptt
   m = config.model
-  print(f'jax {jax.devices()[0].platform} {m.core} hidden={m.hidden_size} layers={m.num_layers}'
+  print(f'jax {jax.devices()[0].platform} x{mesh.size} {m.core} hidden={m.hidden_size} layers={m.num_layers}'
         f' tied={m.tied} aug_weight={config.loss.aug_weight} bptt={config.bptt}'
         f' batch={config.batch_size}: {tokens / elapsed:.0f} tokens/s,'
         f' {elapsed / _STEPS.value * 1e3:.1f} ms/step, first step (compile) {compile_s:.1f} s')

@@ -81,11 +81,16 @@ class Checkpointer:
     root = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.latest_dir = os.path.join(root, 'latest')
     self.best_dir = os.path.join(root, 'best')
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True)
-    self._latest = ocp.CheckpointManager(self.latest_dir, options=options)
-    self._best = ocp.CheckpointManager(
-        self.best_dir, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    )
+    # Distinct barrier names: with several processes, two managers saving the same step
+    # would otherwise meet at the same barriers.
+    def options(max_to_keep, name):
+      return ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=name))
+
+    self._latest = ocp.CheckpointManager(self.latest_dir, options=options(keep_latest, 'latest'))
+    self._best = ocp.CheckpointManager(self.best_dir, options=options(1, 'best'))
 
   def latest_step(self) -> Optional[int]:
     return self._latest.latest_step()
@@ -125,7 +130,8 @@ class Checkpointer:
     restored = self._latest.restore(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(_placed(abstract_state)),
+            meta=ocp.args.JsonRestore()
         ),
     )
     return restored.state, restored.meta
@@ -142,7 +148,8 @@ class Checkpointer:
     restored = self._best.restore(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()
+            params=ocp.args.StandardRestore(_placed(abstract_params)),
+            meta=ocp.args.JsonRestore()
         ),
     )
     return restored.params, restored.meta
@@ -194,6 +201,18 @@ class Checkpointer:
           f' ({_describe_mismatch(saved, signature)}): use another --workdir, or the'
           ' config it was trained with'
       )
+
+
+def _placed(abstract_tree: Any) -> Any:
+  """Gives leaves without a sharding one on the first local device.
+
+  Orbax restores onto the shardings of the target, so a checkpoint written on 8 devices
+  restores on 1 (or on another mesh, when the target carries that mesh's shardings).
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda x: x if getattr(x, 'sharding', None) is not None
+      else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_tree)
 
 
 def abstract(tree: Any) -> Any:

@@ -11,6 +11,8 @@ from jaxlm.data import CORPORA
 from jaxlm.errors import UserError
 
 SIZES = ('small', 'medium', 'large')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+MATMUL_PRECISIONS = ('default', 'high', 'highest', 'bfloat16', 'tensorfloat32', 'float32')
 VARIANTS = ('baseline', 'al', 're', 'real')
 CORES = ('lstm', 'rhn')
 
@@ -54,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mc_max_ppl = 500.0  # a pass with this perplexity or more is discarded and redrawn
   c.mc_batch = 10  # passes run side by side as the rows of one batch
 
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = config_dict.placeholder(int)  # devices on the 'data' axis; None: all of them
+
   c.data = ml_collections.ConfigDict()
   c.data.corpus = 'ptb'
   c.data.dir = config_dict.placeholder(str)  # local corpus folder; else $JAXLM_DATA_DIR
@@ -72,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.transform_bias_init = -2.0  # RHN: initial bias of the transform gate T
   c.model.micro_scan = False  # RHN: lax.scan over the micro-layers instead of unrolling them
   c.model.unroll = 1
+  c.model.compute_dtype = 'float32'  # or 'bfloat16' (TPUs): matmuls only; parameters stay float32
+  c.model.matmul_precision = 'default'  # jax_default_matmul_precision: 'highest' forces float32
 
   c.dropout = ml_collections.ConfigDict()
   c.dropout.embed = 0.0
@@ -238,6 +245,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ('num_layers', 'hidden_size', 'embed_size', 'depth', 'unroll'):
     _check(m[key] > 0, f'config.model.{key} must be > 0, got {m[key]}')
   _check(m.init_scale > 0, f'config.model.init_scale must be > 0, got {m.init_scale}')
+  _check(m.compute_dtype in COMPUTE_DTYPES,
+         f'config.model.compute_dtype must be one of {COMPUTE_DTYPES}, got {m.compute_dtype!r}')
+  _check(m.matmul_precision in MATMUL_PRECISIONS,
+         f'config.model.matmul_precision must be one of {MATMUL_PRECISIONS},'
+         f' got {m.matmul_precision!r}')
   _check(
       not m.tied or m.hidden_size == m.embed_size,
       f'a tied model needs model.hidden_size == model.embed_size, got {m.hidden_size} and'

@@ -4,7 +4,6 @@ Perplexity = exp(mean CE over every target token of the split); `data.eval_windo
 each of the N - 1 targets is predicted exactly once, at any batch size.
 """
 
-import os
 import zlib
 from typing import Any, Callable
 
@@ -13,11 +12,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import losses
 from jaxlm import models
-from jaxlm.checkpoint import Checkpointer, load_workdir_vocab, model_signature
 from jaxlm.errors import UserError
 
 # (inputs, targets, weights), each [num_windows, batch, bptt], as `data.eval_windows` makes them.
@@ -66,6 +63,7 @@ def split_perplexities(
     params: Any,
     corpus: data_lib.Corpus,
     splits: tuple[str, ...] = ('valid', 'test'),
+    place: Callable[[Any], Any] = lambda tree: tree,
 ) -> dict[str, float]:
   """{'valid_ppl': ..., 'test_ppl': ...} at `test_batch_size` (the paper's protocol: 1).
 
@@ -73,41 +71,13 @@ def split_perplexities(
   """
   ppls = {
       f'{split}_ppl': evaluate(model, eval_step, params, data_lib.eval_windows(
-          corpus.splits[split], config.test_batch_size, config.bptt, config.eval_max_tokens))
+          corpus.splits[split], config.test_batch_size, config.bptt, config.eval_max_tokens),
+          place)
       for split in splits
   }
   if config.mc_samples > 0:
     ppls.update(mc_split_perplexities(config, model, params, corpus, splits))
   return ppls
-
-
-def evaluate_checkpoint(
-    config: ml_collections.ConfigDict, workdir: str, splits: tuple[str, ...] = ('valid', 'test')
-) -> dict[str, float]:
-  """Perplexity of a workdir's best parameters on `splits`, at `test_batch_size`."""
-  config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
-  vocab = load_workdir_vocab(workdir)
-  corpus = data_lib.load_corpus(config.data.corpus, config.data.dir, config.data.tfds_dir)
-  if corpus.vocab != vocab:
-    raise UserError(f'{workdir} was trained on another corpus than {config.data.corpus!r}:'
-                    ' pass the config it was trained with')
-  model = models.build_model(config, len(vocab))
-  checkpointer = Checkpointer(workdir)
-  try:
-    best = checkpointer.restore_best(
-        models.param_shapes(model), model_signature(config.model, len(vocab)))
-  finally:
-    checkpointer.close()
-  if best is None:
-    raise UserError(f'{workdir} has no best checkpoint yet: train first (--mode=train)')
-  return split_perplexities(config, model, make_eval_step(model), best[0], corpus, splits)
-
-
-# Monte-Carlo dropout evaluation (PAPER.md, the reference's MC-dropout protocol): dropout stays
-# on, with masks drawn once per whole pass over the split; each target's probability is
-# averaged over K passes and the perplexity is that of the average. Passes run side by side as
-# the rows of one batch: pass p's rows carry its own masks, so rows never interact.
 
 
 def make_mc_eval_step(model: models.LanguageModel) -> Callable:

@@ -7,15 +7,18 @@ shardings (nothing per-device happens in Python).
 """
 
 import dataclasses
+import functools
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import optax
@@ -25,6 +28,7 @@ from jaxlm import data as data_lib
 from jaxlm import evaluation
 from jaxlm import losses
 from jaxlm import models
+from jaxlm import sharding
 from jaxlm.checkpoint import Checkpointer, abstract, model_signature, save_config, save_or_check_vocab
 from jaxlm.errors import UserError
 from jaxlm.metrics import MetricsWriter
@@ -107,9 +111,17 @@ def make_loss_fn(model: models.LanguageModel, config: ml_collections.ConfigDict)
 
 
 def make_train_step(
-    model: models.LanguageModel, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+    model: models.LanguageModel,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    mesh: Optional[Mesh] = None,
+    state_shardings: Any = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-  """The jitted step: (state, inputs [batch, bptt], targets [batch, bptt]) -> (state, metrics)."""
+  """The jitted step: (state, inputs [batch, bptt], targets [batch, bptt]) -> (state, metrics).
+
+  With a `mesh`, the windows are split over its 'data' axis, the state keeps
+  `state_shardings`, and the metrics come back replicated.
+  """
   loss_fn = make_loss_fn(model, config)
 
   def train_step(state: TrainState, inputs: jax.Array, targets: jax.Array):
@@ -129,7 +141,11 @@ def make_train_step(
                'grad_norm': optax.tree.norm(grads)}
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=0)
+  batch = sharding.batch_sharding(mesh)
+  return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, batch, batch),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)))
 
 
 @dataclasses.dataclass
@@ -143,20 +159,37 @@ class Progress:
   epoch_tokens: int = 0
 
 
+def load_corpus(config: ml_collections.ConfigDict) -> data_lib.Corpus:
+  """The corpus, built by process 0 before the others read it (the TFDS folder may be shared)."""
+  load = lambda: data_lib.load_corpus(config.data.corpus, config.data.dir, config.data.tfds_dir)
+  if jax.process_count() == 1:
+    return load()
+  corpus = load() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices('jaxlm: corpus built')
+  return corpus or load()
+
+
 def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) in `workdir`, then evaluates the best parameters.
 
   Returns the final metrics: valid_ppl, test_ppl (at `test_batch_size`), step.
   """
+  with jax.default_matmul_precision(config.model.matmul_precision):
+    return _fit(config, workdir)
+
+
+def _fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  corpus = data_lib.load_corpus(config.data.corpus, config.data.dir, config.data.tfds_dir)
+  mesh = sharding.make_mesh(config)
+  corpus = load_corpus(config)
   save_or_check_vocab(corpus.vocab, workdir)
   save_config(config, workdir)
   model = models.build_model(config, len(corpus.vocab))
   signature = model_signature(config.model, len(corpus.vocab))
 
+  rows = sharding.process_rows(sharding.batch_sharding(mesh), config.batch_size)
   streams = data_lib.train_streams(corpus.splits['train'], config.batch_size)
   steps_per_epoch = data_lib.num_train_windows(streams, config.bptt)
   if steps_per_epoch < 1:
@@ -164,9 +197,18 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         f'the train split ({streams.size} tokens) is too short for batch_size'
         f' {config.batch_size} x bptt {config.bptt}: lower them'
     )
+  streams = streams[rows]  # this process's rows only
   tx = make_optimizer(config.optim, steps_per_epoch)
-  state = create_train_state(model, tx, config.batch_size, config.bptt, config.seed)
-  logging.info('model: %s parameters', f'{models.count_params(model):,}')
+  new_state = functools.partial(
+      create_train_state, model, tx, config.batch_size, config.bptt, config.seed)
+  shardings = sharding.state_shardings(jax.eval_shape(new_state), mesh)
+  state = jax.jit(new_state, out_shardings=shardings)()
+  initial_carry = jax.jit(lambda: model.initial_carry(config.batch_size),
+                          out_shardings=shardings.carry)
+  put_window = lambda window: sharding.put_batch(
+      window, sharding.batch_sharding(mesh), config.batch_size)
+  logging.info('model: %s parameters; %d devices on the data axis, %d process(es)',
+               f'{models.count_params(model):,}', mesh.size, jax.process_count())
 
   checkpointer = Checkpointer(workdir)
   progress = Progress()
@@ -184,7 +226,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     meta = {'signature': signature, 'progress': dataclasses.asdict(progress)}
     checkpointer.save_latest(step, state, meta)
 
-  train_step = make_train_step(model, tx, config)
+  train_step = make_train_step(model, tx, config, mesh, shardings)
   eval_step = evaluation.make_eval_step(model)
   valid_windows = data_lib.eval_windows(
       corpus.splits['valid'], config.eval_batch_size, config.bptt, config.eval_max_tokens
@@ -198,12 +240,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     while step < total_steps:
       epoch = progress.epoch + 1
       if progress.window == 0:
-        state = state.replace(carry=model.initial_carry(config.batch_size))
+        state = state.replace(carry=initial_carry())
       train_time, interval_start, interval_ce, interval_steps = 0.0, time.perf_counter(), 0.0, 0
       epoch_start_step = step
       while progress.window < steps_per_epoch and step < total_steps:
-        inputs, targets = data_lib.train_window(streams, progress.window, config.bptt)
-        state, metrics = train_step(state, inputs, targets)
+        window = data_lib.train_window(streams, progress.window, config.bptt)
+        state, metrics = train_step(state, *put_window(window))
         metrics = jax.device_get(metrics)
         step += 1
         progress.window += 1
@@ -234,11 +276,14 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
               _format_duration(eta),
           )
           interval_start, interval_ce, interval_steps = time.perf_counter(), 0.0, 0
-        if step % config.checkpoint_every == 0 and progress.window < steps_per_epoch:
+        # Epoch ends and the last step save after the validation, below.
+        if (step % config.checkpoint_every == 0 and progress.window < steps_per_epoch
+            and step < total_steps):
           save_latest()
       train_time += time.perf_counter() - interval_start
 
-      valid_ppl = evaluation.evaluate(model, eval_step, state.params, valid_windows)
+      valid_ppl = evaluation.evaluate(model, eval_step, state.params, valid_windows,
+                                      sharding.placer(mesh, config.eval_batch_size))
       epoch_done = progress.window == steps_per_epoch
       writer.write(
           'epoch', step, epoch=epoch, complete=epoch_done,
@@ -260,7 +305,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     checkpointer.wait()
     best = checkpointer.restore_best(abstract(state.params), signature)
     params = state.params if best is None else best[0]
-    final = evaluation.split_perplexities(config, model, eval_step, params, corpus)
+    final = evaluation.split_perplexities(config, model, eval_step, params, corpus,
+                                          place=sharding.placer(mesh, config.test_batch_size))
     writer.write('test', step, **final)
     logging.info('best parameters: valid ppl %.2f, test ppl %.2f (batch %d)',
                  final['valid_ppl'], final['test_ppl'], config.test_batch_size)

@@ -18,7 +18,6 @@ import pytest
 from jaxlm import checkpoint
 from jaxlm import config as config_lib
 from jaxlm import data
-from jaxlm import evaluation
 from jaxlm import inference
 from jaxlm import models
 from jaxlm import train
@@ -327,7 +326,6 @@ def test_score_of_the_validation_split_is_evals_perplexity(tiny, tiny_model):
   lines = valid_text(config, vocab).split('\n')[:-1]  # the text ends with <eos>
   score = inference.score_lines(model, params, vocab, lines, config.bptt)
   eval_ppl = inference.evaluate_trained(tiny_model, ['valid'])['valid_ppl']
-  assert eval_ppl == evaluation.evaluate_checkpoint(config, str(tiny), ('valid',))['valid_ppl']
   assert config.test_batch_size == 1
   assert score.num_tokens == sum(len(line.split()) + 1 for line in lines) - 1
   assert score.perplexity == pytest.approx(eval_ppl, rel=1e-6)

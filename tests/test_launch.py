@@ -97,12 +97,14 @@ def test_bad_config_file_or_argument_is_one_line(tmp_path):
 
 
 def test_missing_data_is_one_line_and_names_both_ways(tmp_path):
+  # A fresh TFDS folder: a PTB already built elsewhere would not need the source files.
+  no_build = f'--config.data.tfds_dir={tmp_path / "tfds"}'
   proc = launch('--config=configs/ptb_lstm.py:small', f'--workdir={tmp_path / "w"}',
-                f'--config.data.dir={tmp_path / "nowhere"}')
+                f'--config.data.dir={tmp_path / "nowhere"}', no_build)
   check_one_line_error(proc, str(tmp_path / 'nowhere'))
   assert '--config.data.dir' in proc.stderr and 'JAXLM_DATA_DIR' in proc.stderr
   (tmp_path / 'empty').mkdir()
-  proc = launch('--config=configs/ptb_lstm.py:small', f'--workdir={tmp_path / "w"}',
+  proc = launch('--config=configs/ptb_lstm.py:small', f'--workdir={tmp_path / "w"}', no_build,
                 env_extra={'JAXLM_DATA_DIR': str(tmp_path / 'empty')})
   check_one_line_error(proc, str(tmp_path / 'empty'))
   assert 'JAXLM_DATA_DIR' in proc.stderr

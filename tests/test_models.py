@@ -210,3 +210,20 @@ def test_initialisation_is_symmetric_uniform():
     if leaf.size > 10000:
       assert abs(leaf.mean()) < 0.01 * scale
       assert abs(leaf.std() - scale / np.sqrt(3)) < 0.02 * scale
+
+
+@pytest.mark.parametrize('arg', ['real', 'rhn'])
+def test_bfloat16_compute_keeps_float32_parameters(arg):
+  config = config_lib.tiny_config(arg)
+  model32 = models.build_model(config, 50)
+  config.model.compute_dtype = 'bfloat16'
+  model16 = models.build_model(config, 50)
+  params = models.init_params(model16, jax.random.PRNGKey(0), 4, 6)
+  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype('float32')}
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 6), 0, 50)
+  logits16, carry16 = model16.apply({'params': params}, tokens, model16.initial_carry(4))
+  logits32, _ = model32.apply({'params': params}, tokens, model32.initial_carry(4))
+  assert logits16.dtype == jnp.float32
+  assert {leaf.dtype for leaf in jax.tree.leaves(carry16)} == {jnp.dtype('float32')}
+  np.testing.assert_allclose(logits16, logits32, atol=0.05)
+  assert not np.array_equal(logits16, logits32)  # the matmuls really ran in bfloat16

@@ -11,6 +11,7 @@ import pytest
 from jaxlm import config as config_lib
 from jaxlm import data
 from jaxlm import evaluation
+from jaxlm import inference
 from jaxlm import metrics
 from jaxlm import models
 from jaxlm import train
@@ -255,7 +256,7 @@ def test_tiny_rhn_trains_and_lowers_perplexity(tfds_dir, tmp_path):
   for split in ('valid', 'test'):
     assert 0.7 < result[f'{split}_mc_ppl'] / result[f'{split}_ppl'] < 1.5
   assert 'test_mc_ppl' in metrics.read_metrics(str(tmp_path))[-1]
-  again = evaluation.evaluate_checkpoint(tiny, str(tmp_path), ('test',))
+  again = inference.evaluate_trained(inference.load_trained(str(tmp_path), config=tiny), ('test',))
   assert set(again) == {'test_ppl', 'test_mc_ppl'}
   for key, value in again.items():
     assert value == pytest.approx(result[key], rel=1e-6)

@@ -11,6 +11,7 @@ from jaxlm import checkpoint
 from jaxlm import config as config_lib
 from jaxlm import data
 from jaxlm import evaluation
+from jaxlm import inference
 from jaxlm import losses
 from jaxlm import metrics
 from jaxlm import models
@@ -106,7 +107,7 @@ def test_tiny_training_lowers_perplexity(tiny, tmp_path):
   # The vocabulary is saved in the workdir.
   assert data.Vocabulary.load(str(tmp_path / 'vocab.txt')) == corpus.vocab
   # --mode=eval of the best checkpoint reproduces the final numbers.
-  again = evaluation.evaluate_checkpoint(tiny, str(tmp_path))
+  again = inference.evaluate_trained(inference.load_trained(str(tmp_path), config=tiny))
   assert again['valid_ppl'] == pytest.approx(result['valid_ppl'], rel=1e-6)
   assert again['test_ppl'] == pytest.approx(result['test_ppl'], rel=1e-6)
 
@@ -167,12 +168,12 @@ def test_workdir_of_another_model_shape_is_refused(tiny, tmp_path):
     train.fit(tiny, str(tmp_path))
   # Nothing saved was lost.
   tiny.model.hidden_size = tiny.model.embed_size = 32
-  assert evaluation.evaluate_checkpoint(tiny, str(tmp_path))['valid_ppl'] > 0
+  assert inference.evaluate_trained(inference.load_trained(str(tmp_path), config=tiny))['valid_ppl'] > 0
 
 
 def test_eval_of_an_empty_workdir_is_refused(tiny, tmp_path):
-  with pytest.raises(UserError, match='vocab'):
-    evaluation.evaluate_checkpoint(tiny, str(tmp_path))
+  with pytest.raises(UserError, match='is empty: check --workdir, or train first'):
+    inference.evaluate_trained(inference.load_trained(str(tmp_path), config=tiny))
 
 
 def test_workdir_keeps_its_config(tiny, tmp_path):

@@ -1,6 +1,7 @@
 """Pure linen modules: variational dropout masks, the LSTM and RHN cores, the language model."""
 
 import flax.linen as nn
+import jax.numpy as jnp
 import ml_collections
 
 from jaxlm.models.dropout import apply_mask, bernoulli_mask, gather_word_mask
@@ -25,6 +26,7 @@ def build_core(config: ml_collections.ConfigDict) -> nn.Module:
         separate_gate_masks=d.separate_gate_masks,
         micro_scan=m.micro_scan,
         unroll=m.unroll,
+        dtype=jnp.dtype(m.compute_dtype),
     )
   if m.core == 'lstm':
     return LSTMCore(
@@ -37,6 +39,7 @@ def build_core(config: ml_collections.ConfigDict) -> nn.Module:
         output_dropout=d.output,
         share_state_and_input=d.share_state_and_input,
         unroll=m.unroll,
+        dtype=jnp.dtype(m.compute_dtype),
     )
   raise ValueError(f'unknown core {m.core!r}; expected lstm or rhn')
 
@@ -52,4 +55,5 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> LanguageM
       output_bias=m.output_bias,
       init_scale=m.init_scale,
       embed_dropout=config.dropout.embed,
+      dtype=jnp.dtype(m.compute_dtype),
   )

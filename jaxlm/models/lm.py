@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.models import dropout
-from jaxlm.models.initializers import symmetric_uniform
+from jaxlm.models.common import symmetric_uniform
 
 
 class LanguageModel(nn.Module):
@@ -23,6 +23,7 @@ class LanguageModel(nn.Module):
     output_bias: add a bias to the logits (untied read-outs always have one).
     init_scale: every parameter outside the core starts in U(-init_scale, init_scale).
     embed_dropout: word-type dropout rate on the embedding.
+    dtype: compute dtype of the read-out matmul (bfloat16 on TPUs); logits come back float32.
   """
 
   vocab_size: int
@@ -32,6 +33,7 @@ class LanguageModel(nn.Module):
   output_bias: bool = False
   init_scale: float = 0.05
   embed_dropout: float = 0.0
+  dtype: Any = jnp.float32  # compute dtype of the read-out; parameters stay float32
 
   def initial_carry(self, batch_size: int) -> Any:
     return self.core.initial_carry(batch_size)
@@ -55,7 +57,8 @@ class LanguageModel(nn.Module):
     `masks=None` is the deterministic (evaluation) model.
     """
     init = symmetric_uniform(self.init_scale)
-    embed = nn.Embed(self.vocab_size, self.embed_size, embedding_init=init, name='embed')
+    embed = nn.Embed(self.vocab_size, self.embed_size, embedding_init=init, dtype=self.dtype,
+                     name='embed')
     x = embed(tokens)
     if masks is not None and masks['embed'] is not None:
       x = x * dropout.gather_word_mask(masks['embed'], tokens)
@@ -66,13 +69,14 @@ class LanguageModel(nn.Module):
             f'a tied read-out needs core output size {h.shape[-1]} == embed_size'
             f' {self.embed_size}'
         )
-      logits = embed.attend(h)
+      logits = embed.attend(h).astype(jnp.float32)
       if self.output_bias:
         logits = logits + self.param('output_bias', init, (self.vocab_size,))
     else:
       logits = nn.Dense(
-          self.vocab_size, use_bias=True, kernel_init=init, bias_init=init, name='readout'
-      )(h)
+          self.vocab_size, use_bias=True, kernel_init=init, bias_init=init, dtype=self.dtype,
+          name='readout',
+      )(h).astype(jnp.float32)
     return logits, carry
 
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.models import dropout
-from jaxlm.models.initializers import symmetric_uniform
+from jaxlm.models.common import compute_matmul, symmetric_uniform
 
 # One (c, h) pair per layer, each [batch, hidden].
 LSTMCarry = tuple[tuple[jax.Array, jax.Array], ...]
@@ -29,7 +29,7 @@ def lstm_scan(
   Args:
     input_gates: x W_x + b for every step, [batch, time, 4 * hidden].
     carry: (c, h), each [batch, hidden].
-    recurrent_kernel: W_h, [hidden, 4 * hidden].
+    recurrent_kernel: W_h, [hidden, 4 * hidden], in the compute dtype.
     state_mask: variational mask on h_{t-1} before W_h, [batch, hidden], or None.
     unroll: `lax.scan` unroll factor.
 
@@ -39,7 +39,7 @@ def lstm_scan(
 
   def step(carry, gates_t):
     c, h = carry
-    gates = gates_t + dropout.apply_mask(h, state_mask) @ recurrent_kernel
+    gates = gates_t + compute_matmul(dropout.apply_mask(h, state_mask), recurrent_kernel)
     i, f, g, o = jnp.split(gates, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
@@ -68,6 +68,7 @@ class LSTMCore(nn.Module):
   output_dropout: float = 0.0
   share_state_and_input: bool = True
   unroll: int = 1
+  dtype: Any = jnp.float32  # compute dtype of the matmuls; parameters stay float32
 
   def initial_carry(self, batch_size: int) -> LSTMCarry:
     # Distinct arrays (not one zeros array reused): the train step donates the carry.
@@ -110,10 +111,10 @@ class LSTMCore(nn.Module):
       bias = self.param(f'bias_{layer}', self._bias_init, (h4,))
       if masks is not None:
         x = dropout.apply_mask(x, masks['input'][layer])
-      input_gates = x @ input_kernel + bias
+      input_gates = compute_matmul(x, input_kernel.astype(self.dtype)) + bias
       state_mask = None if masks is None else masks['state'][layer]
       layer_carry, x = lstm_scan(
-          input_gates, carry[layer], recurrent_kernel, state_mask, self.unroll
+          input_gates, carry[layer], recurrent_kernel.astype(self.dtype), state_mask, self.unroll
       )
       new_carry.append(layer_carry)
     if masks is not None:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.models import dropout
-from jaxlm.models.initializers import symmetric_uniform
+from jaxlm.models.common import compute_matmul, symmetric_uniform
 
 # One state s per layer, each [batch, hidden].
 RHNCarry = tuple[jax.Array, ...]
@@ -42,11 +42,11 @@ def _recurrent(
   otherwise both see s * state_mask (one matmul).
   """
   if not separate:
-    return dropout.apply_mask(s, state_mask) @ kernel
+    return compute_matmul(dropout.apply_mask(s, state_mask), kernel)
   hidden = s.shape[-1]
   return jnp.concatenate([
-      dropout.apply_mask(s, state_mask) @ kernel[:, :hidden],
-      dropout.apply_mask(s, transform_mask) @ kernel[:, hidden:],
+      compute_matmul(dropout.apply_mask(s, state_mask), kernel[:, :hidden]),
+      compute_matmul(dropout.apply_mask(s, transform_mask), kernel[:, hidden:]),
   ], axis=-1)
 
 
@@ -124,6 +124,7 @@ class RHNCore(nn.Module):
   separate_gate_masks: bool = False
   micro_scan: bool = False
   unroll: int = 1
+  dtype: Any = jnp.float32  # compute dtype of the matmuls; parameters stay float32
 
   def initial_carry(self, batch_size: int) -> RHNCarry:
     # Distinct arrays (not one zeros array reused): the train step donates the carry.
@@ -154,21 +155,24 @@ class RHNCore(nn.Module):
     x = inputs
     new_carry = []
     for layer in range(self.num_layers):
-      input_kernel = self.param(f'input_kernel_{layer}', init, (x.shape[-1], h2))
+      input_kernel = self.param(
+          f'input_kernel_{layer}', init, (x.shape[-1], h2)).astype(self.dtype)
       recurrent_kernel = self.param(
-          f'recurrent_kernel_{layer}', init, (self.depth, hidden, h2))
+          f'recurrent_kernel_{layer}', init, (self.depth, hidden, h2)).astype(self.dtype)
       bias = self.param(f'bias_{layer}', self._bias_init, (self.depth, h2))
       state_mask = transform_mask = None
       if masks is None:
-        input_gates = x @ input_kernel
+        input_gates = compute_matmul(x, input_kernel)
       elif separate:
         input_gates = jnp.concatenate([
-            dropout.apply_mask(x, masks['input'][layer]) @ input_kernel[:, :hidden],
-            dropout.apply_mask(x, masks['input_transform'][layer]) @ input_kernel[:, hidden:],
+            compute_matmul(dropout.apply_mask(x, masks['input'][layer]),
+                           input_kernel[:, :hidden]),
+            compute_matmul(dropout.apply_mask(x, masks['input_transform'][layer]),
+                           input_kernel[:, hidden:]),
         ], axis=-1)
         state_mask, transform_mask = masks['state'][layer], masks['state_transform'][layer]
       else:
-        input_gates = dropout.apply_mask(x, masks['input'][layer]) @ input_kernel
+        input_gates = compute_matmul(dropout.apply_mask(x, masks['input'][layer]), input_kernel)
         state_mask = masks['state'][layer]
       s, x = rhn_scan(input_gates, carry[layer], recurrent_kernel, bias, state_mask,
                       transform_mask, separate, self.micro_scan, self.unroll)
