@@ -21,7 +21,8 @@ VOCAB_FILE = 'vocab.txt'
 CONFIG_FILE = 'config.json'
 
 # Model keys that change the shapes of the parameters; a checkpoint restores only onto these.
-SHAPE_KEYS = ('core', 'num_layers', 'hidden_size', 'embed_size', 'tied', 'output_bias', 'depth')
+SHAPE_KEYS = ('core', 'num_layers', 'hidden_size', 'embed_size', 'tied', 'output_bias')
+CORE_SHAPE_KEYS = {'lstm': (), 'rhn': ('depth',)}  # keys that only one core has
 
 
 def save_or_check_vocab(vocab: Vocabulary, workdir: str) -> None:
@@ -66,7 +67,8 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 def model_signature(model_config: Any, vocab_size: int) -> dict[str, Any]:
   """What must match between a checkpoint and the model it is restored into."""
-  return {**{k: model_config[k] for k in SHAPE_KEYS}, 'vocab_size': vocab_size}
+  keys = SHAPE_KEYS + CORE_SHAPE_KEYS.get(model_config['core'], ())
+  return {**{k: model_config[k] for k in keys}, 'vocab_size': vocab_size}
 
 
 def _describe_mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
