@@ -41,8 +41,8 @@ def initialize_distributed(
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
   """The 'data' mesh over `config.mesh.data` devices (default: all of them).
 
-  Raises UserError when the device count does not divide the batch sizes of training or
-  evaluation (batch-1 evaluation runs replicated, so it always fits).
+  Raises UserError when the device count does not divide the training batch. (Evaluation
+  batches that do not divide, such as batch 1, run replicated: see `placer`.)
   """
   available = jax.device_count()
   size = config.mesh.data or available
@@ -52,13 +52,12 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
         f' {jax.process_count()} process(es): use a divisor of {available}'
         f' (e.g. --config.mesh.data={available})'
     )
-  for key in ('batch_size', 'eval_batch_size'):
-    if config[key] % size:
-      raise UserError(
-          f'config.{key}={config[key]} does not divide over {size} devices: set'
-          f' --config.mesh.data to a divisor of {config[key]} (e.g.'
-          f' --config.mesh.data={np.gcd(config[key], size)}) or another --config.{key}'
-      )
+  if config.batch_size % size:
+    raise UserError(
+        f'config.batch_size={config.batch_size} does not divide over {size} devices: set'
+        f' --config.mesh.data to a divisor of {config.batch_size} (e.g.'
+        f' --config.mesh.data={np.gcd(config.batch_size, size)}) or another --config.batch_size'
+    )
   # Take the same number of devices from every process, so each holds a block of rows.
   per_process = size // jax.process_count()
   devices = [d for p in range(jax.process_count())
