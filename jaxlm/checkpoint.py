@@ -124,37 +124,15 @@ class Checkpointer:
       self, abstract_state: Any, signature: dict[str, Any]
   ) -> Optional[tuple[Any, dict[str, Any]]]:
     """The latest (state, meta), or None in a fresh workdir; checks the model shape first."""
-    step = self._latest.latest_step()
-    if step is None:
-      return None
-    meta = self._restore_meta(self._latest, step)
-    self._check_signature(meta, signature, self.latest_dir)
-    restored = self._latest.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_placed(abstract_state)),
-            meta=ocp.args.JsonRestore()
-        ),
-    )
-    return restored.state, restored.meta
+    return self._restore(self._latest, 'state', ocp.args.StandardRestore(
+        _placed(abstract_state)), signature)
 
   def restore_best(
       self, abstract_params: Any, signature: dict[str, Any]
   ) -> Optional[tuple[Any, dict[str, Any]]]:
     """The best (params, meta), or None when no best checkpoint exists."""
-    step = self._best.latest_step()
-    if step is None:
-      return None
-    meta = self._restore_meta(self._best, step)
-    self._check_signature(meta, signature, self.best_dir)
-    restored = self._best.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_placed(abstract_params)),
-            meta=ocp.args.JsonRestore()
-        ),
-    )
-    return restored.params, restored.meta
+    return self._restore(self._best, 'params', ocp.args.StandardRestore(
+        _placed(abstract_params)), signature)
 
   def restore_latest_params(
       self, abstract_params: Any, signature: dict[str, Any]
@@ -164,22 +142,23 @@ class Checkpointer:
     Restores only `state.params` (a partial restore), so it needs neither the optimizer nor
     the train state's type.
     """
-    step = self._latest.latest_step()
+    target = {'params': _placed(abstract_params)}
+    restored = self._restore(self._latest, 'state', ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True), signature)
+    return None if restored is None else (restored[0]['params'], restored[1])
+
+  def _restore(
+      self, manager: ocp.CheckpointManager, name: str, args: Any, signature: dict[str, Any]
+  ) -> Optional[tuple[Any, dict[str, Any]]]:
+    """Item `name` of the manager's latest step and its meta, after checking the signature."""
+    step = manager.latest_step()
     if step is None:
       return None
-    meta = self._restore_meta(self._latest, step)
-    self._check_signature(meta, signature, self.latest_dir)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {'params': jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device),
-        abstract_params)}
-    restored = self._latest.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)),
-    )
-    return restored.state['params'], meta
+    meta = self._restore_meta(manager, step)
+    self._check_signature(meta, signature, str(manager.directory))
+    restored = manager.restore(step, args=ocp.args.Composite(**{name: args}))
+    return restored[name], meta
 
   def wait(self) -> None:
     """Blocks until every asynchronous save has been written."""
