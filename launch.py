@@ -152,6 +152,12 @@ def run(mode: str, config) -> str:
     raise UserError('--mode=score needs --text_file=PATH, a text file with one sentence per line')
   texts = prompts() if mode in ('predict', 'sample') else []
   trained = inference.load_trained(_WORKDIR.value, _CHECKPOINT.value, config)
+  with jax.default_matmul_precision(trained.config.model.matmul_precision):
+    return use_trained(mode, trained, texts)
+
+
+def use_trained(mode: str, trained: inference.Trained, texts: list[str]) -> str:
+  """Runs `mode` (eval, predict, sample, score) on a loaded model; returns what to print."""
   model, params, vocab = trained.model, trained.params, trained.vocab
   if mode == 'eval':
     if _MC_SAMPLES.value is not None:
@@ -202,9 +208,7 @@ def main(argv: list[str]) -> None:
   except COMMAND_LINE_ERRORS as e:
     fail(e)
   try:
-    precision = (config or config_lib.base_config()).model.matmul_precision
-    with jax.default_matmul_precision(precision):
-      output = run(_MODE.value, config)
+    output = run(_MODE.value, config)
   except UserError as e:
     fail(e)
   print(output)
