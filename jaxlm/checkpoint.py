@@ -81,8 +81,6 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep_latest: int = 2):
     root = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self.latest_dir = os.path.join(root, 'latest')
-    self.best_dir = os.path.join(root, 'best')
     # Distinct barrier names: with several processes, two managers saving the same step
     # would otherwise meet at the same barriers.
     def options(max_to_keep, name):
@@ -91,14 +89,12 @@ class Checkpointer:
           multiprocessing_options=ocp.options.MultiprocessingOptions(
               barrier_sync_key_prefix=name))
 
-    self._latest = ocp.CheckpointManager(self.latest_dir, options=options(keep_latest, 'latest'))
-    self._best = ocp.CheckpointManager(self.best_dir, options=options(1, 'best'))
+    self._latest = ocp.CheckpointManager(
+        os.path.join(root, 'latest'), options=options(keep_latest, 'latest'))
+    self._best = ocp.CheckpointManager(os.path.join(root, 'best'), options=options(1, 'best'))
 
   def latest_step(self) -> Optional[int]:
     return self._latest.latest_step()
-
-  def best_step(self) -> Optional[int]:
-    return self._best.latest_step()
 
   def save_latest(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     self._latest.save(

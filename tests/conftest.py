@@ -2,7 +2,12 @@
 
 import pathlib
 
+import jax
 import pytest
+
+from jaxlm import checkpoint
+from jaxlm import models
+from jaxlm import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
@@ -20,3 +25,20 @@ def shared_data() -> pathlib.Path:
 def tfds_dir(tmp_path_factory) -> pathlib.Path:
   """One TFDS build folder for the whole session, so each corpus is built once."""
   return tmp_path_factory.mktemp('tfds')
+
+
+def restore_latest_state(workdir):
+  """(TrainState, meta) of a workdir's latest checkpoint, on one device."""
+  workdir = str(workdir)
+  config = checkpoint.load_workdir_config(workdir)
+  vocab = checkpoint.load_workdir_vocab(workdir)
+  model = models.build_model(config, len(vocab))
+  tx = train.make_optimizer(config.optim, 1)
+  state = jax.eval_shape(
+      lambda: train.create_train_state(model, tx, config.batch_size, config.bptt, 0))
+  ckpt = checkpoint.Checkpointer(workdir)
+  try:
+    return ckpt.restore_latest(
+        checkpoint.abstract(state), checkpoint.model_signature(config.model, len(vocab)))
+  finally:
+    ckpt.close()

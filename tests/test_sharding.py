@@ -10,10 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint
-from jaxlm import models
-from jaxlm import train
-from tests.conftest import REPO
+from tests.conftest import REPO, restore_latest_state
 
 # 20 steps of the tiny model; float32 sums reduced in another order across devices.
 PARAM_ATOL = 1e-5
@@ -31,17 +28,8 @@ def worker(*args, devices=8, check=True):
 
 
 def latest_params(workdir):
-  config = checkpoint.load_workdir_config(str(workdir))
-  vocab = checkpoint.load_workdir_vocab(str(workdir))
-  model = models.build_model(config, len(vocab))
-  tx = train.make_optimizer(config.optim, 1)
-  state = jax.eval_shape(
-      lambda: train.create_train_state(model, tx, config.batch_size, config.bptt, 0))
-  ckpt = checkpoint.Checkpointer(str(workdir))
-  restored, meta = ckpt.restore_latest(
-      checkpoint.abstract(state), checkpoint.model_signature(config.model, len(vocab)))
-  ckpt.close()
-  return restored.params, meta
+  state, meta = restore_latest_state(workdir)
+  return state.params, meta
 
 
 def assert_params_close(a, b):

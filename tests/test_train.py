@@ -1,6 +1,5 @@
 """The train step, the epoch loop, resuming and checkpoints, on the tiny config."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ from jaxlm import metrics
 from jaxlm import models
 from jaxlm import train
 from jaxlm.errors import UserError
+from tests.conftest import restore_latest_state
 
 
 @pytest.fixture
@@ -112,18 +112,6 @@ def test_tiny_training_lowers_perplexity(tiny, tmp_path):
   assert again['test_ppl'] == pytest.approx(result['test_ppl'], rel=1e-6)
 
 
-def latest_params(config, workdir):
-  corpus_vocab = data.Vocabulary.load(os.path.join(workdir, 'vocab.txt'))
-  model = models.build_model(config, len(corpus_vocab))
-  ckpt = checkpoint.Checkpointer(workdir)
-  tx = train.make_optimizer(config.optim, 1)
-  state = train.create_train_state(model, tx, config.batch_size, config.bptt, 0)
-  restored, meta = ckpt.restore_latest(
-      checkpoint.abstract(state), checkpoint.model_signature(config.model, len(corpus_vocab)))
-  ckpt.close()
-  return restored, meta
-
-
 def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
   tiny.num_epochs = 2
   tiny.checkpoint_every = 100
@@ -136,8 +124,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
   tiny.max_steps = None
   resumed = train.fit(tiny, str(tmp_path / 'resumed'))
   assert resumed['step'] == straight['step']
-  a, meta_a = latest_params(tiny, str(tmp_path / 'straight'))
-  b, meta_b = latest_params(tiny, str(tmp_path / 'resumed'))
+  a, meta_a = restore_latest_state(tmp_path / 'straight')
+  b, meta_b = restore_latest_state(tmp_path / 'resumed')
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
   jax.tree.map(np.testing.assert_array_equal, a.carry, b.carry)
   assert resumed['valid_ppl'] == straight['valid_ppl']
@@ -155,7 +143,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
   tiny.checkpoint_every = 1
   with pytest.raises(train.TrainingDiverged, match=r'at step \d+ .*the last good checkpoint'):
     train.fit(tiny, str(tmp_path))
-  state, _ = latest_params(tiny, str(tmp_path))
+  state, _ = restore_latest_state(tmp_path)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
