@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.transform_bias_init = -2.0  # RHN: initial bias of the transform gate T
   c.model.micro_scan = False  # RHN: lax.scan over the micro-layers instead of unrolling them
   c.model.unroll = 1
+  # Recurrent layers with a hand-written backward pass that leaves only the recurrent product
+  # in the time loop; False: autodiff of lax.scan. Same values and gradients.
+  c.model.custom_vjp = True
   c.model.compute_dtype = 'float32'  # or 'bfloat16' (TPUs): matmuls only; parameters stay float32
   c.model.matmul_precision = 'default'  # jax_default_matmul_precision: 'highest' forces float32
 
@@ -93,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.temperature = TEMPERATURE
   c.loss.stop_target_gradient = False
   c.loss.reduction = 'sum_over_time'
+  # CE and KL with a hand-written backward pass (losses.fused_ce_and_kl); False: autodiff of
+  # the plain definitions. Same values and gradients.
+  c.loss.fused = True
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1.0

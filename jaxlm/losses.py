@@ -1,9 +1,13 @@
 """Per-token losses: cross-entropy and the augmented KL term of Inan et al. (2016).
 
-Both return one value per target token, shape `targets.shape`; reducing them (and weighting
-padding) is the job of `reduce_tokens`.
+Each returns one value per target token, shape `targets.shape`; reducing them (and weighting
+padding) is the job of `reduce_tokens`. `cross_entropy` and `augmented_kl` are the plain
+definitions (differentiated by autodiff); `fused_ce_and_kl` computes both with a hand-written
+backward pass that makes each [tokens, V] tensor as few times as possible and builds the target
+distribution only for the distinct targets. Tests hold the two to each other.
 """
 
+import functools
 from typing import Optional
 
 import jax
@@ -12,9 +16,14 @@ import jax.numpy as jnp
 REDUCTIONS = ('sum_over_time', 'mean')
 
 
+def _f32(x: jax.Array) -> jax.Array:
+  """x in float32, or float64 when it already is (for float64 reference tests)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """-log softmax(logits)[target]: logits [..., V], targets [...] -> [...]."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  log_probs = jax.nn.log_softmax(_f32(logits), axis=-1)
   return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
 
@@ -40,13 +49,139 @@ def augmented_kl(
   Returns:
     KL divergence per token, [...], >= 0.
   """
-  embedding = embedding.astype(jnp.float32)
+  embedding = _f32(embedding)
   target_vectors = embedding[targets]  # [..., d]
   log_target = jax.nn.log_softmax(target_vectors @ embedding.T / temperature, axis=-1)
   if stop_target_gradient:
     log_target = jax.lax.stop_gradient(log_target)
-  log_model = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  log_model = jax.nn.log_softmax(_f32(logits) / temperature, axis=-1)
   return jnp.sum(jnp.exp(log_target) * (log_target - log_model), axis=-1)
+
+
+def distinct_targets(targets: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """The distinct ids of `targets` [N] and where each target is among them, under jit.
+
+  Returns (distinct [size], index [N]) with distinct[index] == targets. `size` must be at least
+  the number of distinct ids; the unused tail of `distinct` repeats a target (and no index
+  points to it).
+  """
+  return jnp.unique(targets, size=size, fill_value=targets[0], return_inverse=True)
+
+
+def fused_ce_and_kl(
+    logits: jax.Array,
+    targets: jax.Array,
+    embedding: Optional[jax.Array],
+    temperature: float,
+    stop_target_gradient: bool = False,
+    max_distinct: Optional[int] = None,
+) -> tuple[jax.Array, Optional[jax.Array]]:
+  """`cross_entropy` and (with an `embedding`) `augmented_kl` per token, with a fused gradient.
+
+  Same values and gradients as the plain functions. The backward pass is analytic: with
+  per-token cotangents g_ce, g_kl, d logits = g_ce (softmax(z) - onehot(y))
+  + (g_kl / tau) (softmax(z / tau) - y~), one pass over [tokens, V]. y~ depends on the target
+  only, so it is computed for the distinct targets of the batch ([K, V], K <= `max_distinct`)
+  and gathered for each token; with the gradient through y~ (not `stop_target_gradient`), the
+  tokens' contributions are summed per distinct target before the two [K, V] x [V, d]
+  products that carry it into E.
+
+  Args:
+    logits: [..., V].
+    targets: int [...].
+    embedding: E, [V, d], or None for the cross-entropy alone.
+    temperature: tau > 0.
+    stop_target_gradient: treat y~ as a constant.
+    max_distinct: an upper bound on the number of distinct ids in `targets` (a static int);
+      None: min(number of targets, V). A smaller bound makes the y~ products cheaper; a bound
+      below the true count gives wrong values.
+
+  Returns:
+    (cross-entropy [...], KL [...] or None when `embedding` is None).
+  """
+  shape = targets.shape
+  z = logits.reshape(-1, logits.shape[-1])
+  y = targets.reshape(-1)
+  if embedding is None:
+    return _fused_ce(z, y).reshape(shape), None
+  size = min(y.shape[0], embedding.shape[0]) if max_distinct is None else max_distinct
+  ce, kl = _fused_ce_kl(z, y, embedding, float(temperature), bool(stop_target_gradient), size)
+  return ce.reshape(shape), kl.reshape(shape)
+
+
+def _softmax_minus_onehot(z: jax.Array, lse: jax.Array, y: jax.Array) -> jax.Array:
+  """softmax(z) - onehot(y): z [N, V], lse [N], y [N] -> [N, V]."""
+  hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == y[:, None]
+  return jnp.exp(z - lse[:, None]) - hit.astype(z.dtype)
+
+
+@jax.custom_vjp
+def _fused_ce(z: jax.Array, y: jax.Array) -> jax.Array:
+  return _fused_ce_fwd(z, y)[0]
+
+
+def _fused_ce_fwd(z, y):
+  z32 = _f32(z)
+  lse = jax.nn.logsumexp(z32, axis=-1)
+  ce = lse - jnp.take_along_axis(z32, y[:, None], axis=-1)[:, 0]
+  return ce, (z, y, lse)
+
+
+def _fused_ce_bwd(residuals, g_ce):
+  z, y, lse = residuals
+  dz = g_ce[:, None] * _softmax_minus_onehot(_f32(z), lse, y)
+  return dz.astype(z.dtype), None
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused_ce_kl(z, y, embedding, temperature, stop_target_gradient, size):
+  return _fused_ce_kl_fwd(z, y, embedding, temperature, stop_target_gradient, size)[0]
+
+
+def _fused_ce_kl_fwd(z, y, embedding, temperature, stop_target_gradient, size):
+  """z [N, V], y [N], E [V, d] -> (ce [N], kl [N]), residuals."""
+  del stop_target_gradient
+  z32 = _f32(z)
+  e32 = _f32(embedding)
+  lse = jax.nn.logsumexp(z32, axis=-1)
+  lse_tau = jax.nn.logsumexp(z32 / temperature, axis=-1)
+  ce = lse - jnp.take_along_axis(z32, y[:, None], axis=-1)[:, 0]
+  distinct, index = distinct_targets(y, size)
+  scores = e32[distinct] @ e32.T / temperature  # [K, V]: log y~ up to its normaliser
+  log_target = scores - jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+  # Term by term, as in `augmented_kl`: near y~ = y^tau, sum y~ log y~ - sum y~ log y^tau
+  # would cancel to float32 rounding.
+  log_model = z32 / temperature - lse_tau[:, None]
+  kl = jnp.sum(jnp.exp(log_target[index]) * (log_target[index] - log_model), axis=-1)
+  return (ce, kl), (z, y, embedding, lse, lse_tau, distinct, index, log_target, kl)
+
+
+def _fused_ce_kl_bwd(temperature, stop_target_gradient, size, residuals, cotangents):
+  z, y, embedding, lse, lse_tau, distinct, index, log_target, kl = residuals
+  g_ce, g_kl = cotangents
+  z32 = _f32(z)
+  target = jnp.exp(log_target)  # [K, V]
+  log_model = z32 / temperature - lse_tau[:, None]  # log y^tau, [N, V]
+  dz = (g_ce[:, None] * _softmax_minus_onehot(z32, lse, y)
+        + (g_kl / temperature)[:, None] * (jnp.exp(log_model) - target[index]))
+  if stop_target_gradient:
+    return dz.astype(z.dtype), None, jnp.zeros_like(embedding)
+  # d KL_t / d scores_t = y~ (log y~ - log y^tau_t - KL_t) / tau, summed over the tokens of
+  # each distinct target; scores = E[distinct] E^T, so E gets it from both factors.
+  segment = lambda x: jax.ops.segment_sum(x, index, num_segments=size)
+  d_scores = target * (segment(g_kl)[:, None] * log_target
+                       - segment(g_kl[:, None] * log_model)
+                       - segment(g_kl * kl)[:, None]) / temperature  # [K, V]
+  e32 = _f32(embedding)
+  d_embedding = d_scores.T @ e32[distinct]
+  d_embedding = d_embedding.at[distinct].add(d_scores @ e32)
+  return dz.astype(z.dtype), None, d_embedding.astype(embedding.dtype)
+
+
+_fused_ce_kl.defvjp(_fused_ce_kl_fwd, _fused_ce_kl_bwd)
 
 
 def reduce_tokens(

@@ -3,6 +3,7 @@
 import pathlib
 
 import jax
+import numpy as np
 import pytest
 
 from jaxlm import checkpoint
@@ -42,3 +43,18 @@ def restore_latest_state(workdir):
         checkpoint.abstract(state), checkpoint.model_signature(config.model, len(vocab)))
   finally:
     ckpt.close()
+
+
+def assert_trees_close(a, b, rtol=1e-9):
+  """Every leaf of `a` equal to that of `b` within `rtol` times the leaf's largest magnitude.
+
+  1e-9 suits float64 comparisons of two ways to compute the same thing: each rounds at about
+  1e-16 per operation, while a wrong term would be off by O(1) relative.
+  """
+
+  def close(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    scale = max(np.max(np.abs(y)), 1e-30)
+    np.testing.assert_allclose(x, y, rtol=0, atol=rtol * scale)
+
+  jax.tree.map(close, a, b)

@@ -1,6 +1,7 @@
 """Corpora, vocabulary and BPTT batching."""
 
 from jaxlm.data.batching import eval_windows
+from jaxlm.data.batching import max_distinct_targets
 from jaxlm.data.batching import num_train_windows
 from jaxlm.data.batching import train_streams
 from jaxlm.data.batching import train_window
@@ -14,5 +15,5 @@ from jaxlm.data.vocab import Vocabulary
 
 __all__ = [
     'CORPORA', 'Corpus', 'EOS', 'UNK', 'Vocabulary', 'eval_windows', 'load_corpus',
-    'num_train_windows', 'tokenize_line', 'train_streams', 'train_window',
+    'max_distinct_targets', 'num_train_windows', 'tokenize_line', 'train_streams', 'train_window',
 ]

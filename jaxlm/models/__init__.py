@@ -26,6 +26,7 @@ def build_core(config: ml_collections.ConfigDict) -> nn.Module:
         separate_gate_masks=d.separate_gate_masks,
         micro_scan=m.micro_scan,
         unroll=m.unroll,
+        custom_vjp=m.custom_vjp,
         dtype=jnp.dtype(m.compute_dtype),
     )
   if m.core == 'lstm':
@@ -39,6 +40,7 @@ def build_core(config: ml_collections.ConfigDict) -> nn.Module:
         output_dropout=d.output,
         share_state_and_input=d.share_state_and_input,
         unroll=m.unroll,
+        custom_vjp=m.custom_vjp,
         dtype=jnp.dtype(m.compute_dtype),
     )
   raise ValueError(f'unknown core {m.core!r}; expected lstm or rhn')

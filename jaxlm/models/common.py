@@ -14,5 +14,7 @@ def symmetric_uniform(scale: float):
 
 
 def compute_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x @ kernel in the kernel's dtype (the compute dtype), accumulated and returned in float32."""
-  return jnp.matmul(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+  """x @ kernel in the kernel's dtype (the compute dtype), accumulated and returned in float32
+  (float64 for float64 kernels, in float64 reference tests)."""
+  return jnp.matmul(x.astype(kernel.dtype), kernel,
+                    preferred_element_type=jnp.promote_types(kernel.dtype, jnp.float32))

@@ -69,15 +69,20 @@ class LanguageModel(nn.Module):
             f'a tied read-out needs core output size {h.shape[-1]} == embed_size'
             f' {self.embed_size}'
         )
-      logits = embed.attend(h).astype(jnp.float32)
+      logits = embed.attend(h).astype(self.logits_dtype)
       if self.output_bias:
         logits = logits + self.param('output_bias', init, (self.vocab_size,))
     else:
       logits = nn.Dense(
           self.vocab_size, use_bias=True, kernel_init=init, bias_init=init, dtype=self.dtype,
           name='readout',
-      )(h).astype(jnp.float32)
+      )(h).astype(self.logits_dtype)
     return logits, carry
+
+  @property
+  def logits_dtype(self) -> Any:
+    """float32 (float64 with a float64 compute dtype, in reference tests)."""
+    return jnp.promote_types(self.dtype, jnp.float32)
 
 
 def embedding_matrix(params: Any) -> jax.Array:

@@ -4,6 +4,7 @@ Each layer's input projection is one matmul over the whole window, outside the t
 only the recurrent matmul runs inside `lax.scan`. Gate order in the kernels: i, f, g, o.
 """
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -23,6 +24,7 @@ def lstm_scan(
     recurrent_kernel: jax.Array,
     state_mask: Optional[jax.Array],
     unroll: int = 1,
+    custom_vjp: bool = True,
 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
   """Runs one LSTM layer over a window.
 
@@ -32,21 +34,92 @@ def lstm_scan(
     recurrent_kernel: W_h, [hidden, 4 * hidden], in the compute dtype.
     state_mask: variational mask on h_{t-1} before W_h, [batch, hidden], or None.
     unroll: `lax.scan` unroll factor.
+    custom_vjp: differentiate with `_lstm_layer`'s hand-written backward pass, which computes
+      dW_h as one matmul over the window after the reverse loop; False: autodiff of the scan,
+      which does one small matmul per step inside it. Same values and gradients.
 
   Returns:
     The last (c, h) and the outputs h_t, [batch, time, hidden].
   """
+  gates = jnp.swapaxes(input_gates, 0, 1)  # time-major for the scan
+  c, h = carry
+  mask = jnp.ones_like(h) if state_mask is None else state_mask.astype(h.dtype)
+  layer = _lstm_layer if custom_vjp else _lstm_forward
+  (c, h), outputs = layer(gates, c, h, recurrent_kernel, mask, unroll)
+  return (c, h), jnp.swapaxes(outputs, 0, 1)
+
+
+def _lstm_cell(gates: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
+  """Pre-activations [batch, 4 * hidden] (i, f, g, o) and c_{t-1} -> (c_t, h_t, i, f, g, o)."""
+  i, f, g, o = jnp.split(gates, 4, axis=-1)
+  i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+  c = f * c + i * g
+  return c, o * jnp.tanh(c), i, f, g, o
+
+
+def _lstm_forward(gates, c, h, kernel, mask, unroll):
+  """gates [time, batch, 4 * hidden] -> ((c, h) [batch, hidden], outputs [time, batch, hidden])."""
 
   def step(carry, gates_t):
     c, h = carry
-    gates = gates_t + compute_matmul(dropout.apply_mask(h, state_mask), recurrent_kernel)
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    c, h = _lstm_cell(gates_t + compute_matmul(h * mask, kernel), c)[:2]
     return (c, h), h
 
-  carry, outputs = jax.lax.scan(step, carry, jnp.swapaxes(input_gates, 0, 1), unroll=unroll)
-  return carry, jnp.swapaxes(outputs, 0, 1)
+  return jax.lax.scan(step, (c, h), gates, unroll=unroll)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _lstm_layer(gates, c, h, kernel, mask, unroll):
+  """`_lstm_forward` with a backward pass that keeps only dz W_h^T in the reverse loop."""
+  return _lstm_forward(gates, c, h, kernel, mask, unroll)
+
+
+def _lstm_layer_fwd(gates, c0, h0, kernel, mask, unroll):
+
+  def step(carry, gates_t):
+    c, h = carry
+    c_new, h_new, i, f, g, o = _lstm_cell(gates_t + compute_matmul(h * mask, kernel), c)
+    return (c_new, h_new), (h_new, c_new, jnp.concatenate([i, f, g, o], axis=-1))
+
+  (c, h), (outputs, cells, activations) = jax.lax.scan(step, (c0, h0), gates, unroll=unroll)
+  return ((c, h), outputs), (c0, h0, kernel, mask, outputs, cells, activations)
+
+
+def _lstm_layer_bwd(unroll, residuals, cotangents):
+  c0, h0, kernel, mask, outputs, cells, activations = residuals
+  (dc_last, dh_last), d_outputs = cotangents
+  prev_cells = jnp.concatenate([c0[None], cells[:-1]])
+  kernel_t = kernel.T
+
+  def step(carry, xs):
+    dc, dh = carry
+    d_out, c, c_prev, acts = xs
+    i, f, g, o = jnp.split(acts, 4, axis=-1)
+    dh = dh + d_out
+    tanh_c = jnp.tanh(c)
+    dc = dc + dh * o * (1.0 - tanh_c * tanh_c)
+    d_gates = jnp.concatenate([
+        dc * g * i * (1.0 - i),  # through i
+        dc * c_prev * f * (1.0 - f),  # through f
+        dc * i * (1.0 - g * g),  # through g
+        dh * tanh_c * o * (1.0 - o),  # through o
+    ], axis=-1)
+    dh_prev = compute_matmul(d_gates, kernel_t) * mask
+    return (dc * f, dh_prev), d_gates
+
+  (dc0, dh0), d_gates = jax.lax.scan(
+      step, (dc_last, dh_last), (d_outputs, cells, prev_cells, activations),
+      reverse=True, unroll=unroll)
+  # The one weight gradient, as a single matmul over every step of the window:
+  # dW_h = sum_t (h_{t-1} m)^T dz_t.
+  masked_inputs = jnp.concatenate([h0[None], outputs[:-1]]) * mask
+  hidden = masked_inputs.shape[-1]
+  d_kernel = compute_matmul(masked_inputs.reshape(-1, hidden).T,
+                            d_gates.reshape(-1, d_gates.shape[-1]).astype(kernel.dtype))
+  return d_gates, dc0, dh0, d_kernel.astype(kernel.dtype), jnp.zeros_like(mask)
+
+
+_lstm_layer.defvjp(_lstm_layer_fwd, _lstm_layer_bwd)
 
 
 class LSTMCore(nn.Module):
@@ -68,6 +141,7 @@ class LSTMCore(nn.Module):
   output_dropout: float = 0.0
   share_state_and_input: bool = True
   unroll: int = 1
+  custom_vjp: bool = True  # see `lstm_scan`
   dtype: Any = jnp.float32  # compute dtype of the matmuls; parameters stay float32
 
   def initial_carry(self, batch_size: int) -> LSTMCarry:
@@ -114,7 +188,8 @@ class LSTMCore(nn.Module):
       input_gates = compute_matmul(x, input_kernel.astype(self.dtype)) + bias
       state_mask = None if masks is None else masks['state'][layer]
       layer_carry, x = lstm_scan(
-          input_gates, carry[layer], recurrent_kernel.astype(self.dtype), state_mask, self.unroll
+          input_gates, carry[layer], recurrent_kernel.astype(self.dtype), state_mask, self.unroll,
+          self.custom_vjp,
       )
       new_carry.append(layer_carry)
     if masks is not None:

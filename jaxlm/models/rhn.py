@@ -13,7 +13,9 @@ unmasked s. By default H and T share their masks; `separate_gate_masks` draws on
 
 Kernels hold the H and T transforms side by side, H first: W [in, 2 * hidden],
 R [depth, hidden, 2 * hidden], b [depth, 2 * hidden]. The input projection of a whole window
-is one matmul outside the time loop; only the recurrent matmuls run inside `lax.scan`.
+is one matmul outside the time loop; only the recurrent matmuls run inside `lax.scan`. By
+default `rhn_scan` is differentiated by a hand-written backward pass whose reverse loop holds
+only the sequential part; the weight gradients are one matmul per micro-layer after it.
 """
 
 from typing import Any, Optional
@@ -29,32 +31,212 @@ from jaxlm.models.common import compute_matmul, symmetric_uniform
 RHNCarry = tuple[jax.Array, ...]
 
 
+def _mask(x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+  """x [..., batch, hidden] times a mask [batch, hidden] (broadcast over leading axes)."""
+  return x if mask is None else x * mask.astype(x.dtype)
+
+
+def _layer_kernels(recurrent_kernel: jax.Array, separate: bool, transpose: bool) -> list[Any]:
+  """Each micro-layer's R in the form `_recurrent` or (`transpose`) `_recurrent_transpose` takes.
+
+  Not separate: R [hidden, 2 * hidden], or R^T. Separate: the pair (R_H, R_T), [hidden, hidden]
+  each, or their transposes. Sliced here, outside the time loops: XLA copies a slice of a
+  loop-invariant array taken in a loop body at every iteration, here the whole kernel at
+  every micro-layer and step.
+  """
+  hidden = recurrent_kernel.shape[1]
+  kernels = []
+  for kernel in recurrent_kernel:
+    if separate:
+      kernel = (kernel[:, :hidden], kernel[:, hidden:])
+    kernels.append(jax.tree.map(jnp.transpose, kernel) if transpose else kernel)
+  return kernels
+
+
+def _stack(trees: list[Any]) -> Any:
+  """Stacks pytrees of equal structure leaf by leaf along a new leading axis."""
+  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
 def _recurrent(
     s: jax.Array,
-    kernel: jax.Array,
+    kernel: Any,
     state_mask: Optional[jax.Array],
     transform_mask: Optional[jax.Array],
     separate: bool,
 ) -> jax.Array:
-  """(s m) R for both transforms: s [batch, hidden], R [hidden, 2 * hidden] -> [batch, 2 * hidden].
+  """(s m) R for both transforms: s [batch, hidden] -> [batch, 2 * hidden].
 
-  With `separate`, H sees s * state_mask and T sees s * transform_mask (two matmuls);
-  otherwise both see s * state_mask (one matmul).
+  `kernel` is an entry of `_layer_kernels(.., transpose=False)`. With `separate`, H sees
+  s * state_mask and T sees s * transform_mask (two matmuls); otherwise both see
+  s * state_mask (one matmul).
   """
   if not separate:
-    return compute_matmul(dropout.apply_mask(s, state_mask), kernel)
-  hidden = s.shape[-1]
-  return jnp.concatenate([
-      compute_matmul(dropout.apply_mask(s, state_mask), kernel[:, :hidden]),
-      compute_matmul(dropout.apply_mask(s, transform_mask), kernel[:, hidden:]),
-  ], axis=-1)
+    return compute_matmul(_mask(s, state_mask), kernel)
+  return jnp.concatenate([compute_matmul(_mask(s, state_mask), kernel[0]),
+                          compute_matmul(_mask(s, transform_mask), kernel[1])], axis=-1)
 
 
-def _highway(s: jax.Array, pre: jax.Array) -> jax.Array:
-  """One coupled highway update: pre [batch, 2 * hidden] (H | T pre-activations) -> s."""
+def _recurrent_transpose(
+    dpre: jax.Array,
+    kernel_t: Any,
+    state_mask: Optional[jax.Array],
+    transform_mask: Optional[jax.Array],
+    separate: bool,
+) -> jax.Array:
+  """d s of `_recurrent` from dpre [batch, 2 * hidden] -> [batch, hidden].
+
+  `kernel_t` is an entry of `_layer_kernels(.., transpose=True)`.
+  """
+  if not separate:
+    return _mask(compute_matmul(dpre, kernel_t), state_mask)
+  hidden = dpre.shape[-1] // 2
+  return (_mask(compute_matmul(dpre[:, :hidden], kernel_t[0]), state_mask)
+          + _mask(compute_matmul(dpre[:, hidden:], kernel_t[1]), transform_mask))
+
+
+def _gates(pre: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """pre [batch, 2 * hidden] (H | T pre-activations) -> h = tanh(pre_H), t = sigmoid(pre_T)."""
   h, t = jnp.split(pre, 2, axis=-1)
-  h, t = jnp.tanh(h), jax.nn.sigmoid(t)
-  return h * t + s * (1.0 - t)
+  return jnp.tanh(h), jax.nn.sigmoid(t)
+
+
+def _scan_forward(
+    input_gates: jax.Array,
+    s: jax.Array,
+    recurrent_kernel: jax.Array,
+    bias: jax.Array,
+    state_mask: Optional[jax.Array],
+    transform_mask: Optional[jax.Array],
+    separate: bool,
+    micro_scan: bool,
+    unroll: int,
+    save_residuals: bool,
+) -> tuple[jax.Array, jax.Array, Any]:
+  """`rhn_scan`'s time loop, with what `_rhn_scan_bwd` needs if `save_residuals`.
+
+  Args: as `rhn_scan`'s, and `save_residuals`.
+
+  Returns:
+    The last state [batch, hidden], the states after each step [batch, time, hidden] and, with
+    `save_residuals`, for every step and micro-layer the state entering it, h and t:
+    ([time, depth, batch, hidden],) * 3; else None.
+  """
+  depth = recurrent_kernel.shape[0]
+  gates = jnp.swapaxes(input_gates, 0, 1) + bias[0]  # [time, batch, 2 * hidden]
+  kernels = _layer_kernels(recurrent_kernel, separate, transpose=False)
+  rest = (_stack(kernels[1:]), bias[1:]) if micro_scan and depth > 1 else None
+
+  def micro_layer(s, kernel, pre):
+    h, t = _gates(pre + _recurrent(s, kernel, state_mask, transform_mask, separate))
+    return h * t + s * (1.0 - t), (s, h, t)
+
+  def step(s, gates_t):
+    s, saved = micro_layer(s, kernels[0], gates_t)
+    saved = [saved]
+    if rest is not None:
+      s, saved_rest = jax.lax.scan(lambda s, kb: micro_layer(s, *kb), s, rest)
+      saved = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), saved[0], saved_rest)
+    else:
+      for i in range(1, depth):
+        s, saved_i = micro_layer(s, kernels[i], bias[i])
+        saved.append(saved_i)
+      saved = _stack(saved)
+    return s, (s, saved) if save_residuals else s
+
+  s, ys = jax.lax.scan(step, s, gates, unroll=unroll)
+  outputs, saved = ys if save_residuals else (ys, None)
+  return s, jnp.swapaxes(outputs, 0, 1), saved
+
+
+def _rhn_scan_autodiff(
+    input_gates: jax.Array,
+    s: jax.Array,
+    recurrent_kernel: jax.Array,
+    bias: jax.Array,
+    state_mask: Optional[jax.Array],
+    transform_mask: Optional[jax.Array],
+    separate: bool,
+    micro_scan: bool,
+    unroll: int,
+) -> tuple[jax.Array, jax.Array]:
+  """`rhn_scan`, differentiated by JAX's autodiff of `lax.scan`."""
+  s, outputs, _ = _scan_forward(input_gates, s, recurrent_kernel, bias, state_mask,
+                                transform_mask, separate, micro_scan, unroll, False)
+  return s, outputs
+
+
+# The same function with a hand-written backward pass. Autodiff of the scan computes each
+# weight gradient dR_i as a [hidden, batch] x [batch, 2 * hidden] matmul per micro-layer and
+# step and adds it into the [depth, hidden, 2 * hidden] gradient at every step; here the
+# reverse time loop keeps only what is sequential (dpre R^T and the elementwise chain) and
+# each dR_i is one matmul over all steps after the loop.
+_rhn_scan_custom = jax.custom_vjp(_rhn_scan_autodiff, nondiff_argnums=(6, 7, 8))
+
+
+def _rhn_scan_fwd(input_gates, s, recurrent_kernel, bias, state_mask, transform_mask,
+                  separate, micro_scan, unroll):
+  s_last, outputs, saved = _scan_forward(input_gates, s, recurrent_kernel, bias, state_mask,
+                                         transform_mask, separate, micro_scan, unroll, True)
+  return (s_last, outputs), (recurrent_kernel, state_mask, transform_mask, saved)
+
+
+def _rhn_scan_bwd(separate, micro_scan, unroll, residuals, cotangents):
+  """Cotangents of (input_gates, s, recurrent_kernel, bias, state_mask, transform_mask).
+
+  Given ds' of a micro-layer's output s' = h t + s (1 - t): dpre_H = ds' t (1 - h^2),
+  dpre_T = ds' (h - s) t (1 - t), ds = ds' (1 - t) + (dpre_H R_H^T) m_h + (dpre_T R_T^T) m_t.
+  The masks get zero cotangents: they are constants of the window.
+  """
+  recurrent_kernel, state_mask, transform_mask, (states, hs, ts) = residuals
+  d_last, d_outputs = cotangents  # [batch, hidden], [batch, time, hidden]
+  depth = recurrent_kernel.shape[0]
+  dtype = states.dtype  # that of s, the gates and the bias (see `rhn_scan`)
+  kernels_t = _layer_kernels(recurrent_kernel, separate, transpose=True)
+  rest_kernels_t = _stack(kernels_t[1:]) if micro_scan and depth > 1 else None
+
+  def micro_layer_back(ds, kernel_t, s, h, t):
+    """ds of a micro-layer's output -> (ds of its input, dpre [batch, 2 * hidden])."""
+    dpre = jnp.concatenate([ds * t * (1.0 - h * h), ds * (h - s) * t * (1.0 - t)], axis=-1)
+    ds = ds * (1.0 - t) + _recurrent_transpose(
+        dpre, kernel_t, state_mask, transform_mask, separate)
+    return ds, dpre
+
+  def step_back(ds, xs):
+    d_output, s, h, t = xs  # [batch, hidden], then [depth, batch, hidden] each
+    ds = ds + d_output
+    if rest_kernels_t is not None:
+      ds, d_rest = jax.lax.scan(lambda ds, x: micro_layer_back(ds, *x), ds,
+                                (rest_kernels_t, s[1:], h[1:], t[1:]), reverse=True)
+      ds, d_first = micro_layer_back(ds, kernels_t[0], s[0], h[0], t[0])
+      return ds, jnp.concatenate([d_first[None], d_rest])
+    dpre = [None] * depth
+    for i in reversed(range(depth)):
+      ds, dpre[i] = micro_layer_back(ds, kernels_t[i], s[i], h[i], t[i])
+    return ds, jnp.stack(dpre)
+
+  d_outputs = jnp.swapaxes(d_outputs, 0, 1).astype(dtype)
+  ds, dpre = jax.lax.scan(step_back, d_last.astype(dtype), (d_outputs, states, hs, ts),
+                          reverse=True, unroll=unroll)  # dpre [time, depth, batch, 2 * hidden]
+
+  def kernel_grad(x, d):  # X_i^T dPre_i over every step and sequence, for every i
+    compute = recurrent_kernel.dtype
+    return jnp.einsum('tdbh,tdbk->dhk', x.astype(compute), d.astype(compute),
+                      preferred_element_type=jnp.promote_types(compute, jnp.float32))
+
+  if separate:
+    hidden = states.shape[-1]
+    d_kernel = jnp.concatenate([kernel_grad(_mask(states, state_mask), dpre[..., :hidden]),
+                                kernel_grad(_mask(states, transform_mask), dpre[..., hidden:])],
+                               axis=-1)
+  else:
+    d_kernel = kernel_grad(_mask(states, state_mask), dpre)
+  zeros = lambda m: None if m is None else jnp.zeros_like(m)
+  return (jnp.swapaxes(dpre[:, 0], 0, 1), ds, d_kernel.astype(recurrent_kernel.dtype),
+          dpre.sum((0, 2)), zeros(state_mask), zeros(transform_mask))
+
+
+_rhn_scan_custom.defvjp(_rhn_scan_fwd, _rhn_scan_bwd)
 
 
 def rhn_scan(
@@ -67,6 +249,7 @@ def rhn_scan(
     separate: bool = False,
     micro_scan: bool = False,
     unroll: int = 1,
+    custom_vjp: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   """Runs one RHN layer over a window.
 
@@ -81,27 +264,20 @@ def rhn_scan(
     micro_scan: run micro-layers 1..depth-1 in a `lax.scan` over the stacked kernels
       (smaller program, faster compile) instead of unrolling them in Python.
     unroll: `lax.scan` unroll factor of the time loop.
+    custom_vjp: differentiate with the hand-written backward pass (faster: one weight-gradient
+      matmul per micro-layer for the whole window) instead of JAX's autodiff of the scan. The
+      masks are constants either way: the hand-written pass gives them zero gradients.
 
   Returns:
     The last state [batch, hidden] and the states after each step, [batch, time, hidden].
   """
-  input_gates = input_gates + bias[0]
-  first_kernel, rest_kernels, rest_bias = recurrent_kernel[0], recurrent_kernel[1:], bias[1:]
-
-  def micro_layer(s, kernel, pre):
-    return _highway(s, pre + _recurrent(s, kernel, state_mask, transform_mask, separate))
-
-  def step(s, gates_t):
-    s = micro_layer(s, first_kernel, gates_t)
-    if micro_scan:
-      s, _ = jax.lax.scan(lambda s, kb: (micro_layer(s, *kb), None), s, (rest_kernels, rest_bias))
-    else:
-      for i in range(rest_kernels.shape[0]):
-        s = micro_layer(s, rest_kernels[i], rest_bias[i])
-    return s, s
-
-  s, outputs = jax.lax.scan(step, s, jnp.swapaxes(input_gates, 0, 1), unroll=unroll)
-  return s, jnp.swapaxes(outputs, 0, 1)
+  if not custom_vjp:
+    return _rhn_scan_autodiff(input_gates, s, recurrent_kernel, bias, state_mask,
+                              transform_mask, separate, micro_scan, unroll)
+  # The carry's dtype holds that of the gates and bias (else the scan's carry changes type);
+  # casting them gives the backward pass one dtype, and autodiff of the casts casts back.
+  return _rhn_scan_custom(input_gates.astype(s.dtype), s, recurrent_kernel, bias.astype(s.dtype),
+                          state_mask, transform_mask, separate, micro_scan, unroll)
 
 
 class RHNCore(nn.Module):
@@ -124,6 +300,7 @@ class RHNCore(nn.Module):
   separate_gate_masks: bool = False
   micro_scan: bool = False
   unroll: int = 1
+  custom_vjp: bool = True  # the hand-written backward pass of `rhn_scan`
   dtype: Any = jnp.float32  # compute dtype of the matmuls; parameters stay float32
 
   def initial_carry(self, batch_size: int) -> RHNCarry:
@@ -175,7 +352,7 @@ class RHNCore(nn.Module):
         input_gates = compute_matmul(dropout.apply_mask(x, masks['input'][layer]), input_kernel)
         state_mask = masks['state'][layer]
       s, x = rhn_scan(input_gates, carry[layer], recurrent_kernel, bias, state_mask,
-                      transform_mask, separate, self.micro_scan, self.unroll)
+                      transform_mask, separate, self.micro_scan, self.unroll, self.custom_vjp)
       new_carry.append(s)
     if masks is not None:
       x = dropout.apply_mask(x, masks['output'])
