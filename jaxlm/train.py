@@ -72,6 +72,7 @@ def create_train_state(
     bptt: int,
     seed: int,
 ) -> TrainState:
+  """The initial state (parameters from `seed`, zero carry [batch_size, ...]), unplaced."""
   init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
   params = models.init_params(model, init_key, batch_size, bptt)
   return TrainState(
@@ -83,24 +84,56 @@ def create_train_state(
   )
 
 
-def make_loss_fn(model: models.LanguageModel, config: ml_collections.ConfigDict) -> Callable:
+def setup_train_state(
+    config: ml_collections.ConfigDict,
+    model: models.LanguageModel,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+) -> tuple[TrainState, TrainState]:
+  """The initial train state, made on the mesh, and its shardings (a TrainState of them).
+
+  The one place where a state and its shardings are built: `fit`, the benchmark and the tests
+  use it. The carry is split over the 'data' axis, everything else replicated.
+  """
+  new_state = functools.partial(
+      create_train_state, model, tx, config.batch_size, config.bptt, config.seed)
+  shardings = sharding.state_shardings(jax.eval_shape(new_state), mesh)
+  return jax.jit(new_state, out_shardings=shardings)(), shardings
+
+
+def make_loss_fn(
+    model: models.LanguageModel,
+    config: ml_collections.ConfigDict,
+    max_distinct_targets: Optional[int] = None,
+) -> Callable:
   """loss_fn(params, inputs, targets, carry, masks) -> (loss, (carry, ce_sum, kl_sum)).
 
   The loss SGD sees: CE + aug_weight * KL, each reduced by `config.loss.reduction`, plus
-  weight_decay * sum(w^2) / 2.
+  weight_decay * sum(w^2) / 2. With `config.loss.fused`, CE and KL come from
+  `losses.fused_ce_and_kl` (same values and gradients, a faster backward pass), whose target
+  distribution is built for at most `max_distinct_targets` distinct targets per window (None:
+  one per token); otherwise from the plain `cross_entropy` and `augmented_kl`.
   """
   loss_config, weight_decay = config.loss, config.optim.weight_decay
+  with_kl = loss_config.aug_weight > 0
+
+  def token_losses(logits, targets, embedding):
+    if loss_config.fused:
+      return losses.fused_ce_and_kl(
+          logits, targets, embedding if with_kl else None, loss_config.temperature,
+          loss_config.stop_target_gradient, max_distinct_targets)
+    ce = losses.cross_entropy(logits, targets)
+    if not with_kl:
+      return ce, None
+    return ce, losses.augmented_kl(logits, targets, embedding, loss_config.temperature,
+                                   loss_config.stop_target_gradient)
 
   def loss_fn(params, inputs, targets, carry, masks):
     logits, carry = model.apply({'params': params}, inputs, carry, masks)
-    ce = losses.cross_entropy(logits, targets)
+    ce, kl = token_losses(logits, targets, models.embedding_matrix(params))
     loss = losses.reduce_tokens(ce, None, loss_config.reduction)
     kl_sum = jnp.zeros((), jnp.float32)
-    if loss_config.aug_weight > 0:
-      kl = losses.augmented_kl(
-          logits, targets, models.embedding_matrix(params), loss_config.temperature,
-          loss_config.stop_target_gradient,
-      )
+    if kl is not None:
       loss = loss + loss_config.aug_weight * losses.reduce_tokens(kl, None, loss_config.reduction)
       kl_sum = jnp.sum(kl)
     if weight_decay > 0:
@@ -116,13 +149,16 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     mesh: Optional[Mesh] = None,
     state_shardings: Any = None,
+    max_distinct_targets: Optional[int] = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted step: (state, inputs [batch, bptt], targets [batch, bptt]) -> (state, metrics).
 
   With a `mesh`, the windows are split over its 'data' axis, the state keeps
-  `state_shardings`, and the metrics come back replicated.
+  `state_shardings`, and the metrics come back replicated. `max_distinct_targets`: a bound on
+  the distinct targets of any window this step will see (`data.max_distinct_targets`), which
+  makes the augmented loss cheaper; None: no bound.
   """
-  loss_fn = make_loss_fn(model, config)
+  loss_fn = make_loss_fn(model, config, max_distinct_targets)
 
   def train_step(state: TrainState, inputs: jax.Array, targets: jax.Array):
     masks = model.variational_masks(jax.random.fold_in(state.key, state.step), inputs.shape[0])
@@ -197,12 +233,10 @@ def _fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         f'the train split ({streams.size} tokens) is too short for batch_size'
         f' {config.batch_size} x bptt {config.bptt}: lower them'
     )
+  max_distinct = data_lib.max_distinct_targets(streams, config.bptt)  # over all rows
   streams = streams[rows]  # this process's rows only
   tx = make_optimizer(config.optim, steps_per_epoch)
-  new_state = functools.partial(
-      create_train_state, model, tx, config.batch_size, config.bptt, config.seed)
-  shardings = sharding.state_shardings(jax.eval_shape(new_state), mesh)
-  state = jax.jit(new_state, out_shardings=shardings)()
+  state, shardings = setup_train_state(config, model, tx, mesh)
   initial_carry = jax.jit(lambda: model.initial_carry(config.batch_size),
                           out_shardings=shardings.carry)
   put_window = lambda window: sharding.put_batch(
@@ -226,7 +260,7 @@ def _fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     meta = {'signature': signature, 'progress': dataclasses.asdict(progress)}
     checkpointer.save_latest(step, state, meta)
 
-  train_step = make_train_step(model, tx, config, mesh, shardings)
+  train_step = make_train_step(model, tx, config, mesh, shardings, max_distinct)
   eval_step = evaluation.make_eval_step(model)
   valid_windows = data_lib.eval_windows(
       corpus.splits['valid'], config.eval_batch_size, config.bptt, config.eval_max_tokens
@@ -241,46 +275,45 @@ def _fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       epoch = progress.epoch + 1
       if progress.window == 0:
         state = state.replace(carry=initial_carry())
-      train_time, interval_start, interval_ce, interval_steps = 0.0, time.perf_counter(), 0.0, 0
+      log = _IntervalLog(writer, epoch, total_steps, tokens_per_step, config.log_every)
       epoch_start_step = step
-      while progress.window < steps_per_epoch and step < total_steps:
-        window = data_lib.train_window(streams, progress.window, config.bptt)
-        state, metrics = train_step(state, *put_window(window))
+
+      def record(done_step: int, metrics: dict[str, jax.Array]) -> None:
+        """Host-side bookkeeping of step `done_step`, read one step after its dispatch."""
         metrics = jax.device_get(metrics)
-        step += 1
-        progress.window += 1
         if not np.isfinite(metrics['loss']):
           last = checkpointer.latest_step()
           kept = 'no checkpoint was saved yet' if last is None else (
               f'the last good checkpoint (step {last}) is kept in {workdir}')
           raise TrainingDiverged(
-              f'the loss became {metrics["loss"]} at step {step} (epoch {epoch}); {kept}:'
+              f'the loss became {metrics["loss"]} at step {done_step} (epoch {epoch}); {kept}:'
               ' lower optim.learning_rate or optim.clip_norm and use a new --workdir'
           )
         progress.epoch_ce_sum += float(metrics['ce_sum'])
         progress.epoch_tokens += tokens_per_step
-        interval_ce += float(metrics['ce_sum'])
-        interval_steps += 1
-        if step % config.log_every == 0 or step == total_steps:
-          elapsed = time.perf_counter() - interval_start
-          train_time += elapsed
-          tokens_per_sec = interval_steps * tokens_per_step / elapsed
-          eta = (total_steps - step) * elapsed / interval_steps
-          train_ppl = math.exp(interval_ce / (interval_steps * tokens_per_step))
-          writer.write('train', step, epoch=epoch, loss=metrics['loss'], train_ppl=train_ppl,
-                       kl=metrics['kl_sum'] / tokens_per_step, grad_norm=metrics['grad_norm'],
-                       tokens_per_sec=tokens_per_sec)
-          logging.info(
-              'step %d/%d epoch %d: loss %.3f train ppl %.2f, %.0f tokens/s, ETA %s',
-              step, total_steps, epoch, metrics['loss'], train_ppl, tokens_per_sec,
-              _format_duration(eta),
-          )
-          interval_start, interval_ce, interval_steps = time.perf_counter(), 0.0, 0
+        log.add(done_step, metrics)
+
+      # Step t is dispatched before step t-1's metrics are read, so the host prepares the
+      # next window while the device works. Pending metrics are read before every save, so a
+      # non-finite loss never reaches a checkpoint.
+      pending = None
+      while progress.window < steps_per_epoch and step < total_steps:
+        window = data_lib.train_window(streams, progress.window, config.bptt)
+        state, metrics = train_step(state, *put_window(window))
+        step += 1
+        progress.window += 1
+        if pending is not None:
+          record(*pending)
+        pending = (step, metrics)
         # Epoch ends and the last step save after the validation, below.
         if (step % config.checkpoint_every == 0 and progress.window < steps_per_epoch
             and step < total_steps):
+          record(*pending)
+          pending = None
           save_latest()
-      train_time += time.perf_counter() - interval_start
+      if pending is not None:
+        record(*pending)
+      train_seconds = log.close()
 
       valid_ppl = evaluation.evaluate(model, eval_step, state.params, valid_windows,
                                       sharding.placer(mesh, config.eval_batch_size))
@@ -290,7 +323,7 @@ def _fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           lr=epoch_learning_rate(config.optim, epoch),
           train_ppl=math.exp(progress.epoch_ce_sum / max(progress.epoch_tokens, 1)),
           valid_ppl=valid_ppl,
-          tokens_per_sec=(step - epoch_start_step) * tokens_per_step / max(train_time, 1e-9),
+          tokens_per_sec=(step - epoch_start_step) * tokens_per_step / max(train_seconds, 1e-9),
       )
       logging.info('epoch %d%s: valid ppl %.2f', epoch, '' if epoch_done else ' (partial)',
                    valid_ppl)
@@ -315,6 +348,44 @@ def _fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     checkpointer.wait()
     checkpointer.close()
     writer.close()
+
+
+class _IntervalLog:
+  """The `train` lines of one epoch: loss, train perplexity and throughput every `log_every`
+  steps (and at the last step), with the training time summed for the epoch line."""
+
+  def __init__(self, writer: MetricsWriter, epoch: int, total_steps: int, tokens_per_step: int,
+               log_every: int):
+    self._writer, self._epoch, self._total_steps = writer, epoch, total_steps
+    self._tokens_per_step, self._log_every = tokens_per_step, log_every
+    self._train_seconds = 0.0
+    self._restart()
+
+  def _restart(self) -> None:
+    self._start, self._ce_sum, self._steps = time.perf_counter(), 0.0, 0
+
+  def add(self, step: int, metrics: dict[str, Any]) -> None:
+    """Counts step `step`'s host metrics; writes a line at the end of an interval."""
+    self._ce_sum += float(metrics['ce_sum'])
+    self._steps += 1
+    if step % self._log_every and step != self._total_steps:
+      return
+    elapsed = time.perf_counter() - self._start
+    self._train_seconds += elapsed
+    tokens_per_sec = self._steps * self._tokens_per_step / elapsed
+    eta = (self._total_steps - step) * elapsed / self._steps
+    train_ppl = math.exp(self._ce_sum / (self._steps * self._tokens_per_step))
+    self._writer.write('train', step, epoch=self._epoch, loss=metrics['loss'],
+                       train_ppl=train_ppl, kl=metrics['kl_sum'] / self._tokens_per_step,
+                       grad_norm=metrics['grad_norm'], tokens_per_sec=tokens_per_sec)
+    logging.info('step %d/%d epoch %d: loss %.3f train ppl %.2f, %.0f tokens/s, ETA %s',
+                 step, self._total_steps, self._epoch, metrics['loss'], train_ppl,
+                 tokens_per_sec, _format_duration(eta))
+    self._restart()
+
+  def close(self) -> float:
+    """The seconds spent training in this epoch (validation excluded)."""
+    return self._train_seconds + time.perf_counter() - self._start
 
 
 def _format_duration(seconds: float) -> str:
