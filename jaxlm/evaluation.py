@@ -1,14 +1,22 @@
-"""Evaluation: the deterministic eval step, perplexity over a split, a workdir's best model.
+"""Evaluation: one loop for perplexity, Monte-Carlo dropout perplexity and scoring.
 
-Perplexity = exp(mean CE over every target token of the split); `data.eval_windows` makes sure
-each of the N - 1 targets is predicted exactly once, at any batch size.
+Every evaluation reads a split as `data.eval_windows` cuts it (each of the N - 1 targets
+predicted exactly once, at any batch size) through `log_probs`. A stream's windows are
+consecutive, so the loop joins them along time and reads each stream left to right in chunks
+of many steps, one jitted dispatch (`make_eval_step`) per chunk, the recurrent state carried
+from chunk to chunk through the whole split: the same numbers as window by window, and the
+read-out of a whole chunk is one matmul.
+
+Perplexity = exp(-mean log p(target) over every target of the split).
 """
 
+import functools
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -17,20 +25,93 @@ from jaxlm import losses
 from jaxlm import models
 from jaxlm.errors import UserError
 
-# (inputs, targets, weights), each [num_windows, batch, bptt], as `data.eval_windows` makes them.
+# (inputs, targets, weights), each [num_windows, batch, bptt], as `data.eval_windows` makes them:
+# weight 1 for a target, 0 for padding.
 EvalWindows = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+# Batch rows x time steps per dispatch. Larger chunks gain little (the time loop runs step by
+# step anyway) and hold [rows, steps, vocab] logits in memory.
+CHUNK_TOKENS = 1024
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_chunk(model, params, carry, inputs, targets, masks):
+  logits, carry = model.apply({'params': params}, inputs, carry, masks)
+  return carry, -losses.cross_entropy(logits, targets)
 
 
 def make_eval_step(model: models.LanguageModel) -> Callable:
-  """The jitted deterministic step: (params, carry, inputs, targets, weights [batch, bptt]) ->
-  (carry, sum of weighted CE, sum of weights)."""
+  """The jitted step of `log_probs`: (params, carry, inputs, targets [rows, steps], masks) ->
+  (carry, log p(target) float32 [rows, steps]).
 
-  def eval_step(params, carry, inputs, targets, weights):
-    logits, carry = model.apply({'params': params}, inputs, carry)
-    ce = losses.cross_entropy(logits, targets)
-    return carry, jnp.sum(ce * weights), jnp.sum(weights)
+  `masks=None` is the deterministic model; otherwise dropout masks [rows, ...] as
+  `model.variational_masks` draws them, kept for the whole chunk. Compiled once per model and
+  chunk shape.
+  """
+  return functools.partial(_eval_chunk, model)
 
-  return jax.jit(eval_step)
+
+def _identity(tree: Any) -> Any:
+  return tree
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """A global array's values, gathered when other processes hold some of its rows."""
+  if not x.is_fully_addressable:
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
+def log_probs(
+    model: models.LanguageModel,
+    eval_step: Callable,
+    params: Any,
+    windows: EvalWindows,
+    masks: Optional[dict[str, Any]] = None,
+    copies: int = 1,
+    place: Callable[[Any], Any] = _identity,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> np.ndarray:
+  """log p(target) of every target of `windows`, in the order of the text.
+
+  Each of the `batch` streams of `windows` is read from the zero state to its end, the state
+  carried through it, in chunks of at most `chunk_tokens` tokens (rows x steps, but at least
+  one step); the last chunk is padded (its outputs dropped).
+
+  Args:
+    model: the model `eval_step` runs.
+    eval_step: `make_eval_step(model)`.
+    params: the model's parameters.
+    windows: the split, as `data.eval_windows` cuts it.
+    masks: None (the deterministic model), or dropout masks with `copies * batch` rows, kept
+      for the whole split.
+    copies: how many times the streams are read side by side, as the rows of one batch: copy
+      c is rows [c * batch, (c + 1) * batch), with those rows of `masks` (one copy per
+      Monte-Carlo dropout pass).
+    place: puts a pytree of [rows, ...] host arrays on the devices (e.g. sharded over a mesh,
+      `sharding.placer`); applied to the initial carry, the masks and each chunk.
+    chunk_tokens: tokens per dispatch.
+
+  Returns:
+    float64 [copies, num_targets].
+  """
+  inputs, targets, weights = (
+      np.tile(a.transpose(1, 0, 2).reshape(a.shape[1], -1), (copies, 1)) for a in windows)
+  rows, length = inputs.shape
+  # Chunks of one length, the fewest within `chunk_tokens`: one compiled shape per split, and
+  # fewer padded steps than chunks.
+  num_chunks = -(-length // max(1, chunk_tokens // rows))
+  chunk_len = -(-length // num_chunks)
+  pad = ((0, 0), (0, num_chunks * chunk_len - length))
+  inputs, targets = np.pad(inputs, pad), np.pad(targets, pad)
+  carry, masks = place(model.initial_carry(rows)), place(masks)
+  chunks = []
+  for start in range(0, length, chunk_len):
+    chunk = place((inputs[:, start:start + chunk_len], targets[:, start:start + chunk_len]))
+    carry, chunk_log_probs = eval_step(params, carry, *chunk, masks)
+    chunks.append(chunk_log_probs)
+  out = np.concatenate([_to_host(x) for x in chunks], axis=1)[:, :length]
+  return out[weights > 0].astype(np.float64).reshape(copies, -1)
 
 
 def evaluate(
@@ -38,22 +119,10 @@ def evaluate(
     eval_step: Callable,
     params: Any,
     windows: EvalWindows,
-    place: Callable[[Any], Any] = lambda tree: tree,
+    place: Callable[[Any], Any] = _identity,
 ) -> float:
-  """Perplexity over `windows`, the recurrent state carried from window to window.
-
-  `place` puts a pytree of [batch, ...] host arrays on the devices (e.g. sharded over a mesh);
-  it is applied to the initial carry and to each window.
-  """
-  inputs, targets, weights = windows
-  carry = place(model.initial_carry(inputs.shape[1]))
-  ce_sums, counts = [], []
-  for window in zip(inputs, targets, weights):
-    carry, ce_sum, count = eval_step(params, carry, *place(window))
-    ce_sums.append(ce_sum)
-    counts.append(count)
-  ce_total = np.sum(np.asarray(jax.device_get(ce_sums), np.float64))
-  return float(np.exp(ce_total / np.sum(np.asarray(jax.device_get(counts), np.float64))))
+  """Perplexity over `windows` (see `log_probs`)."""
+  return float(np.exp(-np.mean(log_probs(model, eval_step, params, windows, place=place))))
 
 
 def split_perplexities(
@@ -63,7 +132,7 @@ def split_perplexities(
     params: Any,
     corpus: data_lib.Corpus,
     splits: tuple[str, ...] = ('valid', 'test'),
-    place: Callable[[Any], Any] = lambda tree: tree,
+    place: Callable[[Any], Any] = _identity,
 ) -> dict[str, float]:
   """{'valid_ppl': ..., 'test_ppl': ...} at `test_batch_size` (the paper's protocol: 1).
 
@@ -76,19 +145,8 @@ def split_perplexities(
       for split in splits
   }
   if config.mc_samples > 0:
-    ppls.update(mc_split_perplexities(config, model, params, corpus, splits))
+    ppls.update(mc_split_perplexities(config, model, eval_step, params, corpus, splits))
   return ppls
-
-
-def make_mc_eval_step(model: models.LanguageModel) -> Callable:
-  """The jitted step with dropout masks: (params, carry, inputs, targets [batch, bptt], masks)
-  -> (carry, CE per token [batch, bptt])."""
-
-  def mc_eval_step(params, carry, inputs, targets, masks):
-    logits, carry = model.apply({'params': params}, inputs, carry, masks)
-    return carry, losses.cross_entropy(logits, targets)
-
-  return jax.jit(mc_eval_step)
 
 
 def pass_masks(
@@ -102,39 +160,29 @@ def pass_masks(
 
 def mc_log_probs(
     model: models.LanguageModel,
-    mc_eval_step: Callable,
+    eval_step: Callable,
     params: Any,
     windows: EvalWindows,
     key: jax.Array,
     passes: range,
-    place: Callable[[Any], Any] = lambda tree: tree,
+    place: Callable[[Any], Any] = _identity,
 ) -> np.ndarray:
-  """log p(target) of every weighted target of `windows`, one row per pass: float64
-  [len(passes), num_targets], targets in window-major order."""
-  inputs, targets, weights = windows
-  num_passes, rows = len(passes), inputs.shape[1]
-  tile = lambda a: np.tile(a, (1, num_passes, 1))  # [windows, passes * rows, bptt], pass-major
-  masks = place(pass_masks(model, key, passes, rows))
-  carry = place(model.initial_carry(num_passes * rows))
-  ces = []
-  for window in zip(tile(inputs), tile(targets)):
-    carry, ce = mc_eval_step(params, carry, *place(window), masks)
-    ces.append(ce)
-  ce = np.asarray(jax.device_get(ces), np.float64).reshape(weights.shape[:1] + (num_passes,)
-                                                           + weights.shape[1:])
-  return -np.moveaxis(ce, 1, 0)[:, weights > 0]
+  """log p(target) of every target of `windows` under the masks of each pass, in the order of
+  the text: float64 [len(passes), num_targets]. The passes run side by side (`log_probs`)."""
+  masks = pass_masks(model, key, passes, windows[0].shape[1])
+  return log_probs(model, eval_step, params, windows, masks, len(passes), place)
 
 
 def evaluate_mc(
     model: models.LanguageModel,
-    mc_eval_step: Callable,
+    eval_step: Callable,
     params: Any,
     windows: EvalWindows,
     key: jax.Array,
     num_samples: int,
     max_ppl: float = 500.0,
     passes_per_batch: int = 10,
-    place: Callable[[Any], Any] = lambda tree: tree,
+    place: Callable[[Any], Any] = _identity,
 ) -> float:
   """MC-dropout perplexity over `windows`: exp(-mean log(mean over passes of p(target))).
 
@@ -145,7 +193,7 @@ def evaluate_mc(
   prob_sum, kept, drawn = 0.0, 0, 0
   while kept < num_samples:
     passes = range(drawn, drawn + min(passes_per_batch, num_samples - kept))
-    log_p = mc_log_probs(model, mc_eval_step, params, windows, key, passes, place)
+    log_p = mc_log_probs(model, eval_step, params, windows, key, passes, place)
     drawn += len(passes)
     accept = np.exp(-log_p.mean(axis=1)) < max_ppl
     prob_sum = prob_sum + np.exp(log_p[accept]).sum(axis=0)
@@ -160,17 +208,17 @@ def evaluate_mc(
 def mc_split_perplexities(
     config: ml_collections.ConfigDict,
     model: models.LanguageModel,
+    eval_step: Callable,
     params: Any,
     corpus: data_lib.Corpus,
     splits: tuple[str, ...] = ('valid', 'test'),
 ) -> dict[str, float]:
   """{'valid_mc_ppl': ..., 'test_mc_ppl': ...}: `evaluate_mc` with `config.mc_samples` passes
   at `test_batch_size`, masks from the config's seed (a fixed stream per split)."""
-  mc_eval_step = make_mc_eval_step(model)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), zlib.crc32(b'mc-dropout'))
   return {
       f'{split}_mc_ppl': evaluate_mc(
-          model, mc_eval_step, params,
+          model, eval_step, params,
           data_lib.eval_windows(corpus.splits[split], config.test_batch_size, config.bptt,
                                 config.eval_max_tokens),
           jax.random.fold_in(key, zlib.crc32(split.encode())), config.mc_samples,

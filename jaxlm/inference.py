@@ -27,7 +27,6 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluation
-from jaxlm import losses
 from jaxlm import models
 from jaxlm.checkpoint import VOCAB_FILE, Checkpointer, load_workdir_config
 from jaxlm.checkpoint import load_workdir_vocab, model_signature
@@ -338,29 +337,16 @@ def detokenize(words: Sequence[str]) -> str:
 # score: the log-likelihood of a text.
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _window_log_likelihoods(model, params, carry, inputs, targets):
-  """(carry, inputs, targets [batch, bptt]) -> (carry, log p(target) [batch, bptt])."""
-  logits, carry = model.apply({'params': params}, inputs, carry)
-  return carry, -losses.cross_entropy(logits, targets)
-
-
 def token_log_likelihoods(
     model: models.LanguageModel, params: Any, ids: np.ndarray, bptt: int
 ) -> np.ndarray:
   """log p(ids[t + 1] | ids[:t + 1]) for t < N - 1, float64 [N - 1].
 
-  Reads `ids` [N] in windows of `bptt` at batch 1, the state carried from window to window:
-  the windows and the numbers of `--mode=eval` at batch 1.
+  Reads `ids` [N] at batch 1 in windows of `bptt`, the state carried through the whole text:
+  the loop and the numbers of `--mode=eval` at batch 1 (`evaluation.log_probs`).
   """
-  inputs, targets, weights = data_lib.eval_windows(ids, 1, bptt)
-  carry = model.initial_carry(1)
-  out = []
-  for window in zip(inputs, targets):
-    carry, log_probs = _window_log_likelihoods(model, params, carry, *window)
-    out.append(log_probs)
-  log_probs = np.asarray(jax.device_get(out), np.float64).reshape(-1)
-  return log_probs[weights.reshape(-1) > 0]
+  return evaluation.log_probs(model, evaluation.make_eval_step(model), params,
+                              data_lib.eval_windows(ids, 1, bptt))[0]
 
 
 class Score(NamedTuple):

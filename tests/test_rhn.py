@@ -318,7 +318,7 @@ def test_mc_dropout_matches_per_pass_numpy(core_name):
   key = jax.random.PRNGKey(9)
   log_p = np_pass_log_probs(config, model, params, stream, key, 5)
   expected = math.exp(-np.mean(np.log(np.exp(log_p).mean(axis=0))))
-  step = evaluation.make_mc_eval_step(model)
+  step = evaluation.make_eval_step(model)
   got = evaluation.evaluate_mc(model, step, params, windows, key, 5, passes_per_batch=2)
   assert got == pytest.approx(expected, rel=1e-5)
   # Per-pass log-probabilities, however many passes share a batch.
@@ -337,7 +337,7 @@ def test_mc_dropout_without_dropout_is_the_deterministic_perplexity():
   stream = np.random.default_rng(1).integers(0, V, 40).astype(np.int32)
   windows = data.eval_windows(stream, 2, 6)
   deterministic = evaluation.evaluate(model, evaluation.make_eval_step(model), params, windows)
-  mc = evaluation.evaluate_mc(model, evaluation.make_mc_eval_step(model), params, windows,
+  mc = evaluation.evaluate_mc(model, evaluation.make_eval_step(model), params, windows,
                               jax.random.PRNGKey(0), 3)
   assert mc == pytest.approx(deterministic, rel=1e-5)
 
@@ -346,10 +346,12 @@ def test_mc_dropout_discards_passes_above_max_ppl():
   _, model, params = tiny_model('lstm', rate=0.6)
   stream = np.random.default_rng(2).integers(0, V, 30).astype(np.int32)
   windows = data.eval_windows(stream, 1, 7)
-  key, step = jax.random.PRNGKey(1), evaluation.make_mc_eval_step(model)
+  key, step = jax.random.PRNGKey(1), evaluation.make_eval_step(model)
   log_p = evaluation.mc_log_probs(model, step, params, windows, key, range(12))
   pass_ppl = np.exp(-log_p.mean(axis=1))
-  threshold = pass_ppl[1]  # pass 1, and every pass at least as bad, is discarded
+  # Pass 1, and every pass at least as bad, is discarded; the margin covers float rounding,
+  # which differs with the number of passes side by side.
+  threshold = pass_ppl[1] * (1 - 1e-5)
   accepted = np.flatnonzero(pass_ppl < threshold)[:3]
   assert len(accepted) == 3 and accepted[-1] - 2 <= 3  # preconditions: 1 to 3 discards
   expected = math.exp(-np.mean(np.log(np.exp(log_p[accepted]).mean(axis=0))))
