@@ -11,6 +11,8 @@ import sys
 import jax
 import numpy as np
 
+STEPS = 20
+
 
 def tiny_config(tfds_dir, **overrides):
   from jaxlm import config as config_lib
@@ -25,41 +27,85 @@ def tiny_config(tfds_dir, **overrides):
   return c
 
 
+def max_abs_diff(a, b):
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def ce_gradient_l1(model, params, windows):
+  """||d(mean CE over `windows`)/d params||_1: the first-order change of log(perplexity) per
+  unit of max |parameter difference| (Hoelder: |g . d| <= ||g||_1 ||d||_inf)."""
+  import jax.numpy as jnp
+  from jaxlm import losses
+  inputs, targets, weights = (jnp.asarray(w) for w in windows)
+
+  def mean_ce(params):
+    def window(carry, w):
+      x, y, wt = w
+      logits, carry = model.apply({'params': params}, x, carry)
+      return carry, jnp.sum(losses.cross_entropy(logits, y) * wt)
+    _, sums = jax.lax.scan(window, model.initial_carry(inputs.shape[1]),
+                           (inputs, targets, weights))
+    return jnp.sum(sums) / jnp.sum(weights)
+
+  grads = jax.grad(mean_ce)(params)
+  return float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(grads)))
+
+
 def steps(tfds_dir):
-  """20 train steps on a mesh of 8 and of 1 device; returns params, carry shardings, eval ppl."""
+  """STEPS train steps on a mesh of 8 and of 1 device; returns params, carry shardings, eval ppl.
+
+  Also runs two deliberately wrong 8-device trainings, to show that the test's tolerance
+  catches a wrong gradient: 'grad_scaled' (the gradient divided by the device count once too
+  often) and 'row_swapped' (one device trains on another window's row).
+  """
+  import optax
   from jaxlm import data, evaluation, models, sharding, train
-  results = {}
-  params = {}
-  for devices in (8, 1):
+  corpus = data.load_corpus('tiny', tfds_dir=tfds_dir)
+
+  def run(devices, mutant=None):
     config = tiny_config(tfds_dir, **{'mesh.data': devices})
-    corpus = data.load_corpus('tiny', tfds_dir=tfds_dir)
     model = models.build_model(config, len(corpus.vocab))
     mesh = sharding.make_mesh(config)
     streams = data.train_streams(corpus.splits['train'], config.batch_size)
     tx = train.make_optimizer(config.optim, 100)
-    new_state = lambda: train.create_train_state(model, tx, 8, config.bptt, config.seed)
-    shardings = sharding.state_shardings(jax.eval_shape(new_state), mesh)
-    state = jax.jit(new_state, out_shardings=shardings)()
+    if mutant == 'grad_scaled':
+      tx = optax.chain(optax.scale(1 / devices), tx)
+    state, shardings = train.setup_train_state(config, model, tx, mesh)
     step = train.make_train_step(model, tx, config, mesh, shardings)
     carry_specs = []
-    for i in range(20):
+    for i in range(STEPS):
       window = data.train_window(streams, i, config.bptt)
-      state, _ = step(state, *sharding.put_batch(window, sharding.batch_sharding(mesh), 8))
+      if mutant == 'row_swapped':
+        other = data.train_window(streams, i + STEPS, config.bptt)
+        window = tuple(np.concatenate([w[:3], o[3:4], w[4:]]) for w, o in zip(window, other))
+      state, _ = step(state, *sharding.put_batch(window, sharding.batch_sharding(mesh),
+                                                 config.batch_size))
       carry_specs.append(sorted({(str(leaf.sharding.spec), len(leaf.sharding.device_set))
                                  for leaf in jax.tree.leaves(state.carry)}))
+    return config, model, mesh, state, carry_specs
+
+  results, params = {}, {}
+  for devices in (8, 1):
+    config, model, mesh, state, carry_specs = run(devices)
     windows = data.eval_windows(corpus.splits['valid'], 8, config.bptt, 400)
+    windows_batch1 = data.eval_windows(corpus.splits['valid'], 1, config.bptt, 100)
     ppl = evaluation.evaluate(model, evaluation.make_eval_step(model), state.params, windows,
                               sharding.placer(mesh, 8))
-    ppl_batch1 = evaluation.evaluate(
-        model, evaluation.make_eval_step(model), state.params,
-        data.eval_windows(corpus.splits['valid'], 1, config.bptt, 100), sharding.placer(mesh, 1))
+    ppl_batch1 = evaluation.evaluate(model, evaluation.make_eval_step(model), state.params,
+                                     windows_batch1, sharding.placer(mesh, 1))
     params[devices] = jax.tree.map(np.asarray, state.params)
     results[devices] = {'carry_specs': carry_specs[-1], 'all_carry_specs_equal':
                         all(s == carry_specs[-1] for s in carry_specs),
                         'valid_ppl': ppl, 'valid_ppl_batch1': ppl_batch1}
-  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params[8], params[1])
-  results['max_param_diff'] = max(jax.tree.leaves(diffs))
+  results['steps'] = STEPS
+  results['tokens_per_step'] = config.batch_size * config.bptt
+  results['max_param_diff'] = max_abs_diff(params[8], params[1])
   results['param_scale'] = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(params[1]))
+  results['ce_grad_l1'] = ce_gradient_l1(model, params[1], windows)
+  results['ce_grad_l1_batch1'] = ce_gradient_l1(model, params[1], windows_batch1)
+  results['mutant_param_diffs'] = {
+      mutant: max_abs_diff(jax.tree.map(np.asarray, run(8, mutant)[3].params), params[1])
+      for mutant in ('grad_scaled', 'row_swapped')}
   return results
 
 
@@ -74,11 +120,11 @@ def layouts(tfds_dir, root):
   from jaxlm import train
   run = lambda name, mesh, steps: train.fit(
       tiny_config(tfds_dir, **{'mesh.data': mesh, 'max_steps': steps}), f'{root}/{name}')
-  run('straight', 1, 20)
-  run('from8', 8, 10)
-  run('from8', 1, 20)
-  run('from1', 1, 10)
-  run('from1', 4, 20)
+  run('straight', 1, STEPS)
+  run('from8', 8, STEPS // 2)
+  run('from8', 1, STEPS)
+  run('from1', 1, STEPS // 2)
+  run('from1', 4, STEPS)
   return {'root': root}
 
 

@@ -12,9 +12,50 @@ import pytest
 
 from tests.conftest import REPO, restore_latest_state
 
-# 20 steps of the tiny model; float32 sums reduced in another order across devices.
-PARAM_ATOL = 1e-5
-PPL_RTOL = 1e-5
+# Tolerances from float32 rounding, derived rather than tuned (measured margins in the tests).
+#
+# Parameters. A layout changes only the order of float32 sums: the gradient of each weight is a
+# sum over the batch * bptt tokens of a window (per device, then all-reduced over the devices,
+# instead of all at once), and XLA picks other kernels for a device's [1, ...] rows than for
+# [8, ...], so the forward and backward sums are reordered too. A sum of n terms in any order is
+# within n * eps * sum|terms| of the exact one (eps = 2^-23 = 1.2e-7; Higham's gamma_n, the
+# worst case; random rounding gives about sqrt(n) * eps). With SGD at lr 1 and the clipping at
+# 5, one update moves a weight by up to about the parameters' own scale P = max|theta| (the tiny
+# run: largest update element 1.3, P 1.2), so one step adds at most n * eps * P of difference,
+# and over T steps, as the training dynamics carry it forward without amplifying it (measured:
+# the difference grows linearly, about 0.4 eps * P per step on one CPU), the layouts differ by
+#     |theta_8 - theta_1| <= T * n * eps * P = 20 * 80 * 1.2e-7 * 1.2 = 2.2e-4
+# (n = 8 * 10 for the tiny config). Observed: 1.0e-6 on one CPU, 1.2e-5 and 1.4e-5 on another
+# (the XLA CPU kernels' own blocking and threading differ by machine). A wrong gradient moves
+# the parameters by the size of an update, P-scale: the 8-device run with the gradient divided
+# by 8 once more ends 0.78 away, with one device's row from another window 0.42 away, 2,000 and
+# more times the bound (`test_sharded_steps_equal_one_device` checks it on every run).
+#
+# Perplexity. ppl = exp(mean CE), so its relative difference is the absolute difference of the
+# mean CE: (a) through the parameters' difference d, to first order at most
+# ||d meanCE / d theta||_1 * max|d| (Hoelder; the worker measures the gradient's L1 norm, about
+# 8 here), plus (b) the evaluation's own reordering: each window's CE is a float32 sum of
+# batch * bptt positive terms, and each logit a contraction over the hidden units, so at most
+# (batch * bptt + hidden) * eps * mean CE. The 8- and 1-device perplexities differ by 3e-7
+# (relative) against a bound of 6.6e-5 (batch 8) and 3.2e-5 (batch 1). A wrong batch-8
+# evaluation still lands outside it, if by less (a row's CE is close to the mean): one row of 8
+# dropped moves the perplexity by 1.2e-3, counted twice by 9e-4, its windows out of order by
+# 1.6e-3 (15 to 25 times the bound); wrong parameters move it by far more.
+EPS = float(np.finfo(np.float32).eps)
+STEPS = 20  # train steps of the tiny model in each sharding worker run
+TOKENS_PER_STEP = 8 * 10  # batch * bptt of configs/tiny.py
+HIDDEN = 32
+
+
+def param_atol(param_scale, steps=STEPS, terms=TOKENS_PER_STEP):
+  """Largest parameter difference that float32 reordering explains (derivation above)."""
+  return steps * terms * EPS * param_scale
+
+
+def ppl_rtol(ppl, ce_grad_l1, param_diff, terms):
+  """Largest relative perplexity difference that the parameter difference and float32
+  reordering explain: (a) + (b) above; `terms` = batch * bptt of the evaluation windows."""
+  return ce_grad_l1 * param_diff + (terms + HIDDEN) * EPS * np.log(ppl)
 
 
 def worker(*args, devices=8, check=True):
@@ -32,8 +73,10 @@ def latest_params(workdir):
   return state.params, meta
 
 
-def assert_params_close(a, b):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=PARAM_ATOL, rtol=0), a, b)
+def assert_params_close(a, b, steps=STEPS):
+  """a == b up to `param_atol` at the scale of b, after `steps` train steps."""
+  atol = param_atol(max(float(np.max(np.abs(x))) for x in jax.tree.leaves(b)), steps)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=0), a, b)
 
 
 def test_sharded_steps_equal_one_device(tfds_dir):
@@ -41,9 +84,16 @@ def test_sharded_steps_equal_one_device(tfds_dir):
   eight, one = result['8'], result['1']
   # The carried state stays split over the batch at every step.
   assert eight['carry_specs'] == [["P('data',)", 8]] and eight['all_carry_specs_equal']
-  assert result['max_param_diff'] < PARAM_ATOL, result
-  assert eight['valid_ppl'] == pytest.approx(one['valid_ppl'], rel=PPL_RTOL)
-  assert eight['valid_ppl_batch1'] == pytest.approx(one['valid_ppl_batch1'], rel=PPL_RTOL)
+  assert (result['steps'], result['tokens_per_step']) == (STEPS, TOKENS_PER_STEP)
+  atol = param_atol(result['param_scale'])
+  assert result['max_param_diff'] < atol, result
+  # A wrong gradient lands orders of magnitude outside the tolerance.
+  for mutant, diff in result['mutant_param_diffs'].items():
+    assert diff > 100 * atol, (mutant, diff, atol)
+  for key, grad_l1, terms in (('valid_ppl', 'ce_grad_l1', 8 * 10),
+                              ('valid_ppl_batch1', 'ce_grad_l1_batch1', 1 * 10)):
+    rtol = ppl_rtol(one[key], result[grad_l1], result['max_param_diff'], terms)
+    assert eight[key] == pytest.approx(one[key], rel=rtol), (key, rtol)
 
 
 def test_checkpoints_restore_across_layouts(tfds_dir, tmp_path):
@@ -95,4 +145,5 @@ def test_two_processes_agree_with_one(tfds_dir, tmp_path):
     # launch.py prints two decimals.
     assert float(r['valid_ppl']) == pytest.approx(single['valid_ppl'], abs=0.006)
     assert float(r['test_ppl']) == pytest.approx(single['test_ppl'], abs=0.006)
-  assert_params_close(latest_params(tmp_path / 'multi')[0], latest_params(tmp_path / 'single')[0])
+  assert_params_close(latest_params(tmp_path / 'multi')[0], latest_params(tmp_path / 'single')[0],
+                      steps=10)
