@@ -170,11 +170,12 @@ def _fused_ce_kl_bwd(temperature, stop_target_gradient, size, residuals, cotange
   if stop_target_gradient:
     return dz.astype(z.dtype), None, jnp.zeros_like(embedding)
   # d KL_t / d scores_t = y~ (log y~ - log y^tau_t - KL_t) / tau, summed over the tokens of
-  # each distinct target; scores = E[distinct] E^T, so E gets it from both factors.
-  segment = lambda x: jax.ops.segment_sum(x, index, num_segments=size)
-  d_scores = target * (segment(g_kl)[:, None] * log_target
-                       - segment(g_kl[:, None] * log_model)
-                       - segment(g_kl * kl)[:, None]) / temperature  # [K, V]
+  # each distinct target (each log ratio formed per token first, as autodiff of
+  # `augmented_kl` does, so that no two large sums cancel); scores = E[distinct] E^T, so E
+  # gets it from both factors.
+  log_ratio = log_target[index] - log_model - kl[:, None]  # [N, V]
+  d_scores = target * jax.ops.segment_sum(
+      g_kl[:, None] * log_ratio, index, num_segments=size) / temperature  # [K, V]
   e32 = _f32(embedding)
   d_embedding = d_scores.T @ e32[distinct]
   d_embedding = d_embedding.at[distinct].add(d_scores @ e32)
