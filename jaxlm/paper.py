@@ -1,0 +1,74 @@
+"""The paper's results table as data: each row, the config that trains it, the paper's numbers.
+
+Inan et al. (2016), Tables 1 and 2 (PAPER.md, "Target numbers"): validation and test perplexity
+of the VD-LSTM rows on PTB and WikiText-2 and of the VD-RHN on PTB, and the parameter counts
+the paper states. These are the paper's numbers, the targets a run is compared with, never ours.
+"""
+
+import dataclasses
+from typing import Optional
+
+import ml_collections
+
+from jaxlm import config as config_lib
+
+CONFIG_FILES = {('ptb', 'lstm'): 'configs/ptb_lstm.py', ('wikitext2', 'lstm'): 'configs/wt2_lstm.py',
+                ('ptb', 'rhn'): 'configs/ptb_rhn.py'}
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperRow:
+  """One row of the paper's table."""
+
+  corpus: str  # 'ptb' or 'wikitext2'
+  core: str  # 'lstm' or 'rhn'
+  arg: str  # the config argument: 'SIZE,VARIANT' for the LSTM, 'VARIANT' for the RHN
+  valid_ppl: float
+  test_ppl: float
+  params_millions: Optional[float] = None  # as the paper states it (rounded); None: not given
+
+  @property
+  def config_arg(self) -> str:
+    """What `--config=` takes to train this row, e.g. 'configs/ptb_lstm.py:small,real'."""
+    return f'{CONFIG_FILES[self.corpus, self.core]}:{self.arg}'
+
+  def config(self) -> ml_collections.ConfigDict:
+    """The row's config, as `--config=self.config_arg` builds it."""
+    if self.core == 'rhn':
+      return config_lib.rhn_config(self.corpus, self.arg)
+    return config_lib.lstm_config(self.corpus, self.arg)
+
+
+def _lstm(corpus, arg, valid, test, params=None):
+  return PaperRow(corpus, 'lstm', arg, valid, test, params)
+
+
+ROWS = (
+    _lstm('ptb', 'small,baseline', 92.6, 87.3),
+    _lstm('ptb', 'small,al', 86.3, 82.9),
+    _lstm('ptb', 'small,re', 89.9, 85.1),
+    _lstm('ptb', 'small,real', 86.3, 82.7),
+    _lstm('ptb', 'medium,baseline', 82.0, 77.7, 20),
+    _lstm('ptb', 'medium,al', 77.4, 74.7),
+    _lstm('ptb', 'medium,re', 77.1, 73.9),
+    _lstm('ptb', 'medium,real', 75.7, 73.2, 14),
+    _lstm('ptb', 'large,baseline', 76.8, 72.6, 66),
+    _lstm('ptb', 'large,al', 74.5, 71.2),
+    _lstm('ptb', 'large,re', 72.5, 69.0),
+    _lstm('ptb', 'large,real', 71.1, 68.5, 51),
+    PaperRow('ptb', 'rhn', 're', 68.1, 66.0, 24),
+    _lstm('wikitext2', 'small,al', 110.3, 103.8),
+    _lstm('wikitext2', 'small,re', 106.1, 100.5),
+    _lstm('wikitext2', 'small,real', 105.6, 98.9),
+    _lstm('wikitext2', 'medium,al', 98.8, 93.1),
+    _lstm('wikitext2', 'medium,re', 92.3, 87.7),
+    _lstm('wikitext2', 'medium,real', 91.5, 87.0),
+)
+
+
+def find_row(corpus: str, core: str, arg: str) -> Optional[PaperRow]:
+  """The paper's row trained by `config_lib.{lstm,rhn}_config(corpus, arg)`, or None."""
+  for row in ROWS:
+    if (row.corpus, row.core, row.arg) == (corpus, core, arg):
+      return row
+  return None
