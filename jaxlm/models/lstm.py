@@ -43,7 +43,7 @@ def lstm_scan(
   """
   gates = jnp.swapaxes(input_gates, 0, 1)  # time-major for the scan
   c, h = carry
-  mask = jnp.ones_like(h) if state_mask is None else state_mask.astype(h.dtype)
+  mask = None if state_mask is None else state_mask.astype(h.dtype)
   layer = _lstm_layer if custom_vjp else _lstm_forward
   (c, h), outputs = layer(gates, c, h, recurrent_kernel, mask, unroll)
   return (c, h), jnp.swapaxes(outputs, 0, 1)
@@ -62,7 +62,7 @@ def _lstm_forward(gates, c, h, kernel, mask, unroll):
 
   def step(carry, gates_t):
     c, h = carry
-    c, h = _lstm_cell(gates_t + compute_matmul(h * mask, kernel), c)[:2]
+    c, h = _lstm_cell(gates_t + compute_matmul(dropout.apply_mask(h, mask), kernel), c)[:2]
     return (c, h), h
 
   return jax.lax.scan(step, (c, h), gates, unroll=unroll)
@@ -78,7 +78,8 @@ def _lstm_layer_fwd(gates, c0, h0, kernel, mask, unroll):
 
   def step(carry, gates_t):
     c, h = carry
-    c_new, h_new, i, f, g, o = _lstm_cell(gates_t + compute_matmul(h * mask, kernel), c)
+    c_new, h_new, i, f, g, o = _lstm_cell(
+        gates_t + compute_matmul(dropout.apply_mask(h, mask), kernel), c)
     return (c_new, h_new), (h_new, c_new, jnp.concatenate([i, f, g, o], axis=-1))
 
   (c, h), (outputs, cells, activations) = jax.lax.scan(step, (c0, h0), gates, unroll=unroll)
@@ -104,7 +105,7 @@ def _lstm_layer_bwd(unroll, residuals, cotangents):
         dc * i * (1.0 - g * g),  # through g
         dh * tanh_c * o * (1.0 - o),  # through o
     ], axis=-1)
-    dh_prev = compute_matmul(d_gates, kernel_t) * mask
+    dh_prev = dropout.apply_mask(compute_matmul(d_gates, kernel_t), mask)
     return (dc * f, dh_prev), d_gates
 
   (dc0, dh0), d_gates = jax.lax.scan(
@@ -112,11 +113,13 @@ def _lstm_layer_bwd(unroll, residuals, cotangents):
       reverse=True, unroll=unroll)
   # The one weight gradient, as a single matmul over every step of the window:
   # dW_h = sum_t (h_{t-1} m)^T dz_t.
-  masked_inputs = jnp.concatenate([h0[None], outputs[:-1]]) * mask
+  inputs = jnp.concatenate([h0[None], outputs[:-1]])  # h_{t-1}, [time, batch, hidden]
+  masked_inputs = inputs if mask is None else inputs * mask
   hidden = masked_inputs.shape[-1]
   d_kernel = compute_matmul(masked_inputs.reshape(-1, hidden).T,
                             d_gates.reshape(-1, d_gates.shape[-1]).astype(kernel.dtype))
-  return d_gates, dc0, dh0, d_kernel.astype(kernel.dtype), jnp.zeros_like(mask)
+  d_mask = None if mask is None else jnp.zeros_like(mask)  # a constant of the window
+  return d_gates, dc0, dh0, d_kernel.astype(kernel.dtype), d_mask
 
 
 _lstm_layer.defvjp(_lstm_layer_fwd, _lstm_layer_bwd)
