@@ -12,16 +12,25 @@ modes read the workdir's config.json (or --config, when given), vocab.txt and it
 (or --checkpoint=latest) parameters.
 """
 
+import contextlib
 import logging as std_logging
+import os
+import re
 import sys
+import traceback
+from typing import NoReturn, Optional
 
+import absl
 from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
+import jaxlm
+from jaxlm import checkpoint
 from jaxlm import config as config_lib
 from jaxlm import inference
 from jaxlm import sharding
@@ -94,34 +103,102 @@ MODE_FLAGS = {
     'score': ('checkpoint', 'text_file'),
 }
 
-# What a mistake on the command line raises while absl parses the flags or the config file.
-COMMAND_LINE_ERRORS = (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError,
-                       UserError)
+# Sampling is one model step per word (about 3 ms for the medium LSTM on a CPU core), in one
+# jitted loop that shows nothing until it ends.
+MAX_SAMPLE_TOKENS = 100_000
+
+# The code that may log INFO lines to stderr: jaxlm and this file (JAX, orbax, TFDS may not).
+_OUR_CODE = (os.path.dirname(os.path.abspath(jaxlm.__file__)) + os.sep,
+             os.path.abspath(__file__))
+# Libraries whose errors, raised while absl parses the flags, are command-line mistakes.
+_FLAG_LIBRARIES = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                        for m in (absl, ml_collections))
 
 
-def fail(error: Exception) -> None:
+def fail(message: str) -> NoReturn:
   """Prints a user mistake as one line and exits with status 2, without a traceback."""
-  message = ' '.join(str(error).replace('\\n', ' ').replace("\\'", '').split())
-  if isinstance(error, (AttributeError, KeyError)):
-    key, _, hint = message.strip("'").partition(' ')
-    message = f"unknown config key '{key}'" + (f'; {hint[0].lower()}{hint[1:]}' if hint else '')
   logging.flush()
-  print(f'error: {message}', file=sys.stderr)
+  print(f'error: {" ".join(message.split())}', file=sys.stderr)
   sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with mistakes reported by `fail`."""
+  """absl's flag parsing; command-line mistakes are reported by `fail`, anything else (an
+  error in the code of a config file) keeps its traceback."""
   try:
     return flags.FLAGS(argv)
-  except COMMAND_LINE_ERRORS as e:
-    fail(e)
+  except flags.Error as e:
+    fail(describe_flag_error(e))
+  except UserError as e:  # from a config file's get_config(ARG)
+    fail(str(e))
+  except (AttributeError, KeyError, OSError) as e:
+    if not raised_by_flag_libraries(e):
+      raise
+    fail(describe_config_error(e))
+
+
+def raised_by_flag_libraries(error: Exception) -> bool:
+  """Whether `error` comes from absl or config_flags themselves (an unknown --config.KEY, a
+  config file that failed to load), not from a config file's code that they ran."""
+  frames = traceback.extract_tb(error.__traceback__)[1:]  # below parse_flags
+  return bool(frames) and all(os.path.abspath(f.filename).startswith(_FLAG_LIBRARIES)
+                              for f in frames)
+
+
+def describe_flag_error(error: flags.Error) -> str:
+  """absl's message, or for a config file whose get_config raised a ValueError or TypeError
+  (which config_flags wraps with the whole traceback) that error and where it was raised."""
+  message = str(error)
+  if 'Error whilst parsing config file' not in message:
+    return message
+  lines = [l.strip() for l in message.splitlines() if l.strip()]
+  places = [m for l in lines if (m := re.match(r'File "(.+)", line (\d+)', l))]
+  where = f' (at {places[-1][1]}:{places[-1][2]})' if places else ''
+  return f'{message.split(":", 1)[0]}: get_config failed: {lines[-1]}{where}'
+
+
+def describe_config_error(error: Exception) -> str:
+  """As one line: an unknown --config.KEY (an AttributeError or KeyError of a ConfigDict
+  lookup, its message holding the key, quoted and escaped, and maybe a suggestion), or a
+  config file that could not be loaded (config_flags' deferred OSError, or no get_config)."""
+  if isinstance(error, OSError):
+    cause = error.__cause__ or error
+    return f'cannot load --config: {str(cause).strip().splitlines()[-1].strip()}'
+  innermost = traceback.extract_tb(error.__traceback__)[-1].filename
+  if os.path.basename(innermost) != 'config_dict.py':
+    return f'cannot load --config: {error}'
+  key = re.search(r'\w+', str(error))
+  suggestion = re.search(r'Did you mean "(\w+)"', str(error))
+  return (f"unknown config key '{key[0] if key else error}'"
+          + (f"; did you mean '{suggestion[1]}'?" if suggestion else ''))
+
+
+def loaded_config() -> Optional[ml_collections.ConfigDict]:
+  """--config's ConfigDict (None when not given); a UserError for a config file that could
+  not be loaded, which config_flags reports only when the config is first used."""
+  config = _CONFIG.value
+  if config is None or isinstance(config, ml_collections.ConfigDict):
+    return config
+  try:
+    config.to_dict()  # config_flags' stand-in for a failed load raises its OSError here
+  except OSError as e:
+    raise UserError(describe_config_error(e)) from None
+  raise UserError(f'--config: get_config() returned a {type(config).__name__}, not a'
+                  ' ml_collections.ConfigDict')
 
 
 def _only_our_info(record: std_logging.LogRecord) -> bool:
-  """Keeps warnings and errors from everywhere, but info lines only from jaxlm."""
-  return record.levelno >= std_logging.WARNING or 'jaxlm' in record.pathname or (
-      record.pathname.endswith('launch.py'))
+  """Keeps warnings and errors from everywhere, but info lines only from jaxlm and launch.py."""
+  return (record.levelno >= std_logging.WARNING
+          or os.path.abspath(record.pathname).startswith(_OUR_CODE))
+
+
+def check_num_tokens(num_tokens: int) -> None:
+  """A UserError for a --num_tokens too large to sample in one go (or below 1)."""
+  if not 1 <= num_tokens <= MAX_SAMPLE_TOKENS:
+    raise UserError(f'--num_tokens={num_tokens} must be between 1 and {MAX_SAMPLE_TOKENS:,}'
+                    ' (sampling takes one model step per word): pass a --num_tokens in that'
+                    ' range')
 
 
 def check_mode_flags(mode: str) -> None:
@@ -191,26 +268,33 @@ def use_trained(mode: str, trained: inference.Trained, texts: list[str]) -> str:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  std_logging.getLogger('absl').addFilter(_only_our_info)
+  # On the handler, so that it also sees the records of other loggers (JAX's, at backend
+  # start-up) that reach it through the root logger.
+  logging.get_absl_handler().addFilter(_only_our_info)
   tfds.disable_progress_bar()
-  if _DISTRIBUTED.value:  # before anything touches a device
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
+    if _DISTRIBUTED.value:  # before anything touches a device
+      sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                      _PROCESS_ID.value)
     check_mode_flags(_MODE.value)
     for name in ('coordinator_address', 'num_processes', 'process_id'):
       if flags.FLAGS[name].present and not _DISTRIBUTED.value:
         raise UserError(f'--{name} goes with --distributed: add it, or drop --{name}')
-    config = _CONFIG.value
+    config = loaded_config()
     if config is None and _MODE.value == 'train':
       raise UserError('--mode=train needs --config, e.g. --config=configs/tiny.py')
     if config is not None:
-      config_lib.validate(config)  # a config file that failed to load raises only when read
-  except COMMAND_LINE_ERRORS as e:
-    fail(e)
-  try:
-    output = run(_MODE.value, config)
+      config_lib.validate(config)
+    if _MODE.value == 'train':
+      checkpoint.check_writable_workdir(_WORKDIR.value)
+    if _MODE.value == 'sample':
+      check_num_tokens(_NUM_TOKENS.value)
+    # stdout holds the result only: what libraries print (TFDS, on a first build) goes to
+    # stderr with the logs.
+    with contextlib.redirect_stdout(sys.stderr):
+      output = run(_MODE.value, config)
   except UserError as e:
-    fail(e)
+    fail(str(e))
   print(output)
 
 

@@ -4,16 +4,33 @@ Layout: `WORKDIR/vocab.txt`, `WORKDIR/config.json`, `WORKDIR/checkpoints/latest/
 epoch, next window, model shape, ...) and `WORKDIR/checkpoints/best/STEP` (parameters + meta).
 Two managers, since one manager with `best_fn` and `max_to_keep=1` would delete the latest
 state (JAX_NOTES.md).
+
+What orbax guarantees (orbax-checkpoint 0.12, read in its source): a step is written into
+`STEP.orbax-checkpoint-tmp` and renamed to `STEP` only once every item is committed, and step
+listings skip such folders, so a save is never half-visible; a tmp folder left by a killed save
+is ignored, and removed when that step is saved again. The steps beyond `max_to_keep` are
+deleted only after the new step's commit succeeded. What it does not guard against (a file
+truncated or deleted afterwards) is handled here: a step that cannot be read is reported in
+one warning and the one before it is used.
 """
 
+import inspect
 import json
 import os
+import re
+import sys
+import tempfile
 from typing import Any, Optional
 
+from absl import logging
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlm import config as config_lib
 from jaxlm.data import Vocabulary
 from jaxlm.errors import UserError
 
@@ -23,6 +40,47 @@ CONFIG_FILE = 'config.json'
 # Model keys that change the shapes of the parameters; a checkpoint restores only onto these.
 SHAPE_KEYS = ('core', 'num_layers', 'hidden_size', 'embed_size', 'tied', 'output_bias')
 CORE_SHAPE_KEYS = {'lstm': (), 'rhn': ('depth',)}  # keys that only one core has
+
+META = 'meta'  # the JSON item of every step, beside the arrays
+# Files without which orbax cannot read an array item back (its tree and its OCDBT index).
+# Checked before reading: orbax's own error for a missing index comes with stray tracebacks
+# from its event loop.
+ARRAY_ITEM_FILES = ('_METADATA', 'manifest.ocdbt')
+
+
+class CheckpointLayoutError(Exception):
+  """A checkpoint of the same model whose arrays are not those this code expects (written by
+  another version of jaxlm, or a bug): not a user mistake, so it keeps its traceback."""
+
+
+class _Unreadable(Exception):
+  """A checkpoint step that cannot be read back; the message says why."""
+
+
+_abandoned_reads_ignored = False  # see _ignore_abandoned_reads
+
+
+def check_writable_workdir(workdir: str) -> None:
+  """Raises UserError unless `workdir` is a folder this process can write in, or can create.
+
+  Writes nothing that stays: a new workdir is not created, its nearest existing parent is
+  tried instead (a file created and removed).
+  """
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = 'exists and' if existing == path else f'is inside {existing}, which'
+    raise UserError(f'--workdir {path} {where} is not a folder: pass the path of a folder'
+                    ' (new or existing)')
+  try:
+    fd, probe = tempfile.mkstemp(prefix='.jaxlm-write-test-', dir=existing)
+  except OSError as e:
+    raise UserError(f'--workdir {path} cannot be written: creating a file in {existing} failed'
+                    f' ({e.strerror or e}): pass a folder you can write to') from None
+  os.close(fd)
+  os.remove(probe)
 
 
 def save_or_check_vocab(vocab: Vocabulary, workdir: str) -> None:
@@ -46,6 +104,36 @@ def load_workdir_vocab(workdir: str) -> Vocabulary:
     raise UserError(f'{workdir} holds no trained model (no {VOCAB_FILE}): check --workdir, or'
                     ' train first with --mode=train')
   return Vocabulary.load(path)
+
+
+# Keys a resumed run may change: they extend or stop it, or say how it is computed, logged and
+# evaluated, not what it trains. Any other difference is refused (`check_resumed_config`).
+RESUMABLE_KEYS = frozenset({
+    'num_epochs', 'max_steps', 'log_every', 'checkpoint_every', 'eval_batch_size',
+    'test_batch_size', 'eval_max_tokens', 'mc_samples', 'mc_max_ppl', 'mc_batch',
+    'mc_embed_masks', 'mesh.data', 'data.dir', 'data.tfds_dir', 'model.unroll',
+    'model.micro_scan', 'model.custom_vjp', 'model.matmul_precision', 'loss.fused',
+})
+
+
+def check_resumed_config(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Before a workdir with checkpoints is resumed (and its config.json rewritten): a UserError
+  naming the keys if `config` differs from the saved one in a key that changes the run's
+  result; else the RESUMABLE_KEYS that differ, for the log."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  latest = os.path.join(workdir, 'checkpoints', 'latest')
+  if not os.path.exists(path) or not (os.path.isdir(latest) and os.listdir(latest)):
+    return []
+  with open(path, encoding='utf-8') as f:
+    saved = config_lib.from_saved(json.load(f))
+  flat_saved, flat_new = config_lib.flat_dict(saved), config_lib.flat_dict(config)
+  refused = config_lib.differences(saved, config, RESUMABLE_KEYS)
+  if refused:
+    described = ', '.join(f'{k} {flat_saved.get(k)!r} -> {flat_new.get(k)!r}' for k in refused)
+    raise UserError(f'{workdir} was trained with another config ({described}): resume with the'
+                    ' config it was trained with, or use another --workdir')
+  return [f'{k} {flat_saved.get(k)!r} -> {flat_new.get(k)!r}'
+          for k in config_lib.differences(saved, config) if k in RESUMABLE_KEYS]
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -92,11 +180,13 @@ class Checkpointer:
     self._latest = ocp.CheckpointManager(
         os.path.join(root, 'latest'), options=options(keep_latest, 'latest'))
     self._best = ocp.CheckpointManager(os.path.join(root, 'best'), options=options(1, 'best'))
+    self._unreadable: dict[str, list[int]] = {}  # manager folder -> steps a restore skipped
 
   def latest_step(self) -> Optional[int]:
     return self._latest.latest_step()
 
   def save_latest(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    self._drop_unreadable(self._latest)
     self._latest.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -104,8 +194,13 @@ class Checkpointer:
     )
 
   def save_best(self, step: int, params: Any, meta: dict[str, Any]) -> None:
-    # The best step can repeat (a resumed run re-validating the same step); replace it.
+    self._drop_unreadable(self._best)
     if step in self._best.all_steps():
+      # A resumed run re-validating a step it had saved: resuming is exact, so these are the
+      # same parameters. Keep them rather than delete the only best before the new one is
+      # written, unless they cannot be read.
+      if _missing_files(self._best, step, 'params') is None:
+        return
       self._best.wait_until_finished()
       self._best.delete(step)
     self._best.save(
@@ -119,42 +214,95 @@ class Checkpointer:
   def restore_latest(
       self, abstract_state: Any, signature: dict[str, Any]
   ) -> Optional[tuple[Any, dict[str, Any]]]:
-    """The latest (state, meta), or None in a fresh workdir; checks the model shape first."""
-    return self._restore(self._latest, 'state', ocp.args.StandardRestore(
-        _placed(abstract_state)), signature)
+    """The latest readable (state, meta), or None in a fresh workdir; checks the model first."""
+    target = _placed(abstract_state)
+    return self._restore(self._latest, 'state', target, ocp.args.StandardRestore(target),
+                         signature, 'train in a new --workdir to start again from step 0')
 
   def restore_best(
       self, abstract_params: Any, signature: dict[str, Any]
   ) -> Optional[tuple[Any, dict[str, Any]]]:
-    """The best (params, meta), or None when no best checkpoint exists."""
-    return self._restore(self._best, 'params', ocp.args.StandardRestore(
-        _placed(abstract_params)), signature)
+    """The best readable (params, meta), or None when no best checkpoint exists."""
+    target = _placed(abstract_params)
+    hint = ('use --checkpoint=latest' if self._latest.latest_step() is not None
+            else 'train again in a new --workdir')
+    return self._restore(self._best, 'params', target, ocp.args.StandardRestore(target),
+                         signature, hint)
 
   def restore_latest_params(
       self, abstract_params: Any, signature: dict[str, Any]
   ) -> Optional[tuple[Any, dict[str, Any]]]:
-    """The parameters of the latest train state and its meta, or None in a fresh workdir.
+    """The parameters of the latest readable train state and its meta, or None in a fresh
+    workdir.
 
     Restores only `state.params` (a partial restore), so it needs neither the optimizer nor
     the train state's type.
     """
     target = {'params': _placed(abstract_params)}
-    restored = self._restore(self._latest, 'state', ocp.args.PyTreeRestore(
+    hint = ('use --checkpoint=best' if self._best.latest_step() is not None
+            else 'train again in a new --workdir')
+    restored = self._restore(self._latest, 'state', target, ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True), signature)
+        partial_restore=True), signature, hint)
     return None if restored is None else (restored[0]['params'], restored[1])
 
   def _restore(
-      self, manager: ocp.CheckpointManager, name: str, args: Any, signature: dict[str, Any]
+      self, manager: ocp.CheckpointManager, name: str, target: Any, args: Any,
+      signature: dict[str, Any], hint: str
   ) -> Optional[tuple[Any, dict[str, Any]]]:
-    """Item `name` of the manager's latest step and its meta, after checking the signature."""
-    step = manager.latest_step()
-    if step is None:
+    """Item `name` of the manager's newest readable step and its meta; None without steps.
+
+    Unreadable steps are skipped, with one warning naming them; none readable is a UserError
+    ending in `hint`. A checkpoint of another model is a UserError, whichever step it is.
+    """
+    unreadable = []  # (step, why)
+    for step in sorted(manager.all_steps(), reverse=True):
+      restored, reason = None, None
+      try:
+        restored = self._restore_step(manager, step, name, target, args, signature)
+      except _Unreadable as e:
+        reason = str(e)
+      # Every process must take the same step, even when only one of them failed to read.
+      if not _on_every_process(reason is None):
+        unreadable.append((step, reason or 'unreadable on another process'))
+        continue
+      self._unreadable[str(manager.directory)] = [s for s, _ in unreadable]
+      if unreadable:
+        logging.warning('%s; using step %d instead', _describe_unreadable(manager, unreadable),
+                        step)
+      return restored
+    if not unreadable:
       return None
-    meta = self._restore_meta(manager, step)
+    raise UserError(f'{_describe_unreadable(manager, unreadable)}, and no other step is left:'
+                    f' {hint}')
+
+  def _restore_step(
+      self, manager: ocp.CheckpointManager, step: int, name: str, target: Any, args: Any,
+      signature: dict[str, Any]
+  ) -> tuple[Any, dict[str, Any]]:
+    """(item `name`, meta) of one step; _Unreadable when a file is missing or damaged."""
+    missing = _missing_files(manager, step, name)
+    if missing is not None:
+      raise _Unreadable(missing)
+    meta = _read_meta(manager, step)
     self._check_signature(meta, signature, str(manager.directory))
-    restored = manager.restore(step, args=ocp.args.Composite(**{name: args}))
+    _check_layout(manager, step, name, target)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**{name: args}))
+    except MemoryError:
+      raise
+    except Exception as e:  # orbax and TensorStore raise many types for a damaged file
+      _ignore_abandoned_reads()
+      raise _Unreadable(f'{name} does not read back: {_gist(e)}') from e
     return restored[name], meta
+
+  def _drop_unreadable(self, manager: ocp.CheckpointManager) -> None:
+    """Deletes the steps a restore skipped as unreadable, before a save: the save would meet
+    them (the same step) or keep them in place of good steps (`max_to_keep`)."""
+    for step in self._unreadable.pop(str(manager.directory), []):
+      if step in manager.all_steps():
+        manager.wait_until_finished()
+        manager.delete(step)
 
   def wait(self) -> None:
     """Blocks until every asynchronous save has been written."""
@@ -166,18 +314,107 @@ class Checkpointer:
     self._best.close()
 
   @staticmethod
-  def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-
-  @staticmethod
   def _check_signature(meta: dict[str, Any], signature: dict[str, Any], where: str) -> None:
-    saved = meta.get('signature', {})
+    saved = meta['signature']
     if saved != signature:
       raise UserError(
           f'{where} holds a checkpoint of a different model'
           f' ({_describe_mismatch(saved, signature)}): use another --workdir, or the'
           ' config it was trained with'
       )
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(manager.directory), str(step))  # orbax's default step names
+
+
+def _describe_unreadable(manager: ocp.CheckpointManager, steps: list[tuple[int, str]]) -> str:
+  return '; '.join(f'checkpoint {_step_dir(manager, step)} cannot be read ({why})'
+                   for step, why in steps)
+
+
+def _gist(error: Exception) -> str:
+  """One line on why orbax failed: its innermost cause (TensorStore's error names the array
+  and the file), without the spec and the database path that TensorStore appends."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = str(error).strip().split('\n')[0].split(' See full TensorStore details')[0]
+  text = re.sub(r' in OCDBT database at local file "[^"]*"', '', text)
+  text = f'{type(error).__name__}: {text}' if text else type(error).__name__
+  return text if len(text) <= 200 else text[:199] + '…'
+
+
+def _missing_files(manager: ocp.CheckpointManager, step: int, name: str) -> Optional[str]:
+  """Why item `name` or the meta of `step` cannot be read (a file missing), or None."""
+  for item, files in ((META, ('metadata',)), (name, ARRAY_ITEM_FILES)):
+    folder = os.path.join(_step_dir(manager, step), item)
+    if not os.path.isdir(folder):
+      return f'{item}/ is missing'
+    for file in files:
+      if not os.path.isfile(os.path.join(folder, file)):
+        return f'{item}/{file} is missing'
+  return None
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """A step's JSON meta; _Unreadable when it is garbled or holds no model signature."""
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+  except Exception as e:  # a JSONDecodeError, an OSError, ...
+    raise _Unreadable(f'{META}/metadata does not read back: {_gist(e)}') from e
+  if not isinstance(meta, dict) or not isinstance(meta.get('signature'), dict):
+    raise _Unreadable(f'{META}/metadata holds no model signature')
+  return meta
+
+
+def _check_layout(manager: ocp.CheckpointManager, step: int, name: str, target: Any) -> None:
+  """Raises CheckpointLayoutError when item `name` lacks an array of `target` (or has it in
+  another shape): a checkpoint of another layout, which an older step would not fix."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(epath.Path(_step_dir(manager, step)) / name).tree
+  except Exception as e:  # the tree's index or an array's header is damaged
+    _ignore_abandoned_reads()
+    raise _Unreadable(f'{name} does not read back: {_gist(e)}') from e
+  finally:
+    handler.close()
+  saved = {m.name: tuple(m.shape) for m in jax.tree.leaves(tree) if hasattr(m, 'shape')}
+  names = jax.tree.leaves(ocp.tree.get_param_names(target, include_empty_nodes=False))
+  wrong = [f'{n} {tuple(x.shape)} (saved: {saved.get(n, "none")})'
+           for n, x in zip(names, jax.tree.leaves(target)) if saved.get(n) != tuple(x.shape)]
+  if wrong:
+    raise CheckpointLayoutError(
+        f'{_step_dir(manager, step)}/{name} does not hold the arrays this code restores:'
+        f' {"; ".join(wrong[:5])}{" ..." if len(wrong) > 5 else ""}')
+
+
+def _ignore_abandoned_reads() -> None:
+  """Keeps the reads a failed restore abandoned from printing tracebacks later.
+
+  Orbax stops at the first array that fails and closes its event loop; the other reads then
+  fail too, as 'unraisable' exceptions (orbax's read coroutines, TensorStore's callbacks into
+  the closed loop) printed at any later time. The failure is reported already: drop those.
+  """
+  global _abandoned_reads_ignored
+  if _abandoned_reads_ignored:
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable: Any) -> None:
+    error, where = unraisable.exc_value, unraisable.object
+    if not ((isinstance(error, RuntimeError) and str(error) == 'Event loop is closed') or (
+        inspect.iscoroutine(where) and '/orbax/' in where.cr_code.co_filename)):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  _abandoned_reads_ignored = True
+
+
+def _on_every_process(ok: bool) -> bool:
+  """Whether `ok` holds on every process."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 def _placed(abstract_tree: Any) -> Any:

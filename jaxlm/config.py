@@ -4,6 +4,9 @@
 schema (every key a user can override) lives in one place, `base_config`.
 """
 
+import json
+import math
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -27,9 +30,19 @@ LSTM_SIZES = {
     'large': dict(hidden=1500, decay_start=1, decay=0.97, clip=6.0,
                   drop={'ptb': 0.65, 'wikitext2': 0.65}, init=0.04, epochs=55),
 }
-# gamma = aug_weight / temperature of the augmented loss, per corpus (PAPER.md).
+# gamma of the augmented loss (its weight alpha = gamma * temperature), per corpus (PAPER.md).
 AUG_GAMMA = {'ptb': 0.5, 'wikitext2': 1.0, 'tiny': 0.5}
 TEMPERATURE = 20.0
+
+# Section 6.2 (PAPER.md): a 2-layer 300-unit untied LSTM on a 20,000-word run of PTB train, no
+# dropout, embedding rows at norm 1, loss beta tau^2 V J^aug + (1 - beta) J. The paper gives
+# neither epochs, learning rate nor init; ours (README, "Section 6.2"): SGD at lr 1 with clip 5
+# for 6 epochs, after which the distance has settled; the read-out starting at zero, so that
+# what is measured is where the loss drives W, not what is left of a random init; y~ a target
+# (no gradient into E through it), as in the paper's analysis.
+SUBSPACE_RECIPE = dict(hidden=300, train_words=20_000, beta=1.0, temperature=10.0, epochs=6,
+                       learning_rate=1.0, clip=5.0, readout_init=0.0, eval_max_tokens=5_000)
+
 
 # The VD-RHN recipe (PAPER.md, "VD-RHN recipe"; Zilly et al.'s reference config `ptb_sota`).
 RHN_RECIPE = dict(depth=10, hidden=830, init=0.04, transform_bias=-2.0, learning_rate=0.2,
@@ -55,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mc_samples = 0
   c.mc_max_ppl = 500.0  # a pass with this perplexity or more is discarded and redrawn
   c.mc_batch = 10  # passes run side by side as the rows of one batch
+  # 'reference': as Zilly et al.'s MC evaluation, embeddings scaled by 1 / (1 - dropout.embed)
+  # and no word type dropped; 'word_types': the word-type masks of training
+  # (evaluation.pass_masks).
+  c.mc_embed_masks = 'reference'
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = config_dict.placeholder(int)  # devices on the 'data' axis; None: all of them
@@ -63,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.corpus = 'ptb'
   c.data.dir = config_dict.placeholder(str)  # local corpus folder; else $JAXLM_DATA_DIR
   c.data.tfds_dir = config_dict.placeholder(str)  # where the TFDS builds go
+  # Train on a contiguous run of this many tokens of the train split, its start drawn from
+  # `seed` (section 6.2); None: the whole split.
+  c.data.train_words = config_dict.placeholder(int)
 
   c.model = ml_collections.ConfigDict()
   c.model.core = 'lstm'
@@ -72,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tied = True
   c.model.output_bias = False
   c.model.init_scale = 0.05
+  c.model.readout_init_scale = config_dict.placeholder(float)  # untied read-out; None: init_scale
   c.model.forget_bias_init = 0.0  # LSTM
   c.model.depth = 10  # RHN: micro-layers per time step
   c.model.transform_bias_init = -2.0  # RHN: initial bias of the transform gate T
@@ -92,8 +113,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.dropout.separate_gate_masks = False  # RHN: own masks for the H and T transforms
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.aug_weight = AUG_GAMMA['ptb'] * TEMPERATURE  # alpha; gamma = alpha / temperature
+  # The loss is J + alpha J^aug with alpha = gamma * temperature (the paper's appendix), so an
+  # override of the temperature keeps gamma. aug_weight (alpha) is derived: set gamma.
+  c.loss.gamma = AUG_GAMMA['ptb']
   c.loss.temperature = TEMPERATURE
+  c.loss.aug_weight = c.loss.get_ref('gamma') * c.loss.get_ref('temperature')
+  # Section 6.2's weighting instead: beta tau^2 V J^aug + (1 - beta) J, beta in [0, 1] (with
+  # gamma = 0); None: off.
+  c.loss.beta = config_dict.placeholder(float)
   c.loss.stop_target_gradient = False
   c.loss.reduction = 'sum_over_time'
   # CE and KL with a hand-written backward pass (losses.fused_ce_and_kl); False: autodiff of
@@ -106,7 +133,42 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.decay_start = 10
   c.optim.clip_norm = 5.0
   c.optim.weight_decay = 0.0  # L2: weight_decay * sum(w^2) / 2 added to the loss
+  c.optim.unit_norm_embedding = False  # rows of E scaled to norm 1 at init and after each update
   return c
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A workdir's config.json over the schema's defaults, so that keys added since keep theirs.
+
+  Older workdirs saved alpha (`loss.aug_weight`) but not gamma; gamma = alpha / temperature.
+  """
+  saved = json.loads(json.dumps(saved))  # a deep copy
+  loss = saved.get('loss', {})
+  alpha = loss.pop('aug_weight', None)
+  if 'gamma' not in loss and alpha is not None:
+    loss['gamma'] = alpha / loss.get('temperature', TEMPERATURE)
+  c = base_config()
+  c.update(saved)
+  return c
+
+
+def flat_dict(c: ml_collections.ConfigDict) -> dict:
+  """{'dotted.key': value} of every leaf of `c`."""
+  def flatten(tree, prefix):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from flatten(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}', value
+  return dict(flatten(c.to_dict(), ''))
+
+
+def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,
+                ignore: frozenset = frozenset()) -> list[str]:
+  """The dotted keys, outside `ignore`, whose values differ between `a` and `b`."""
+  flat_a, flat_b = flat_dict(a), flat_dict(b)
+  return sorted(k for k in flat_a.keys() | flat_b.keys()
+                if k not in ignore and flat_a.get(k) != flat_b.get(k))
 
 
 def parse_arg(arg: str | None, default: str) -> tuple[str, str]:
@@ -131,7 +193,7 @@ def parse_arg(arg: str | None, default: str) -> tuple[str, str]:
 def apply_variant(c: ml_collections.ConfigDict, variant: str, corpus: str) -> None:
   """baseline: untied, no AL; al: untied + AL; re: tied; real: tied + AL (in place)."""
   c.model.tied = variant in ('re', 'real')
-  c.loss.aug_weight = AUG_GAMMA[corpus] * c.loss.temperature if variant in ('al', 'real') else 0.0
+  c.loss.gamma = AUG_GAMMA[corpus] if variant in ('al', 'real') else 0.0
 
 
 def lstm_config(corpus: str, arg: str | None) -> ml_collections.ConfigDict:
@@ -191,6 +253,30 @@ def rhn_config(corpus: str, arg: str | None) -> ml_collections.ConfigDict:
   return c
 
 
+def subspace_config() -> ml_collections.ConfigDict:
+  """Section 6.2's experiment on PTB (`SUBSPACE_RECIPE`); sweep --config.loss.beta and
+  --config.loss.temperature. The run reports `subspace_distance` between E and W."""
+  r = SUBSPACE_RECIPE
+  c = base_config()
+  c.num_epochs = r['epochs']
+  c.eval_max_tokens = r['eval_max_tokens']  # perplexity is not what this run measures
+  c.data.train_words = r['train_words']
+  c.model.hidden_size = c.model.embed_size = r['hidden']
+  c.model.tied = False
+  c.model.readout_init_scale = r['readout_init']
+  for key in ('embed', 'input', 'state', 'output'):
+    c.dropout[key] = 0.0
+  c.loss.gamma = 0.0
+  c.loss.beta = r['beta']
+  c.loss.temperature = r['temperature']
+  c.loss.stop_target_gradient = True
+  c.optim.learning_rate = r['learning_rate']
+  c.optim.lr_decay = 1.0
+  c.optim.clip_norm = r['clip']
+  c.optim.unit_norm_embedding = True
+  return c
+
+
 def tiny_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """A tied LSTM+REAL of 32 units on the generated tiny corpus: trains in seconds on a CPU.
 
@@ -243,6 +329,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f' {c.mc_samples}')
   _check(c.mc_max_ppl > 0, f'config.mc_max_ppl must be > 0, got {c.mc_max_ppl}')
   _check(c.mc_batch > 0, f'config.mc_batch must be > 0, got {c.mc_batch}')
+  _check(c.mc_embed_masks in ('reference', 'word_types'), "config.mc_embed_masks must be"
+         f" 'reference' or 'word_types', got {c.mc_embed_masks!r}")
   _check(c.data.corpus in CORPORA,
          f'config.data.corpus must be one of {CORPORA}, got {c.data.corpus!r}')
 
@@ -275,7 +363,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   loss = c.loss
   _check(loss.temperature > 0, f'config.loss.temperature must be > 0, got {loss.temperature}')
-  _check(loss.aug_weight >= 0, f'config.loss.aug_weight must be >= 0, got {loss.aug_weight}')
+  _check(loss.gamma >= 0, f'config.loss.gamma must be >= 0 (0: no augmented loss), got'
+         f' {loss.gamma}')
+  _check(math.isclose(loss.aug_weight, loss.gamma * loss.temperature, rel_tol=1e-12, abs_tol=0),
+         f'config.loss.aug_weight ({loss.aug_weight}) is derived as gamma * temperature'
+         f' ({loss.gamma} * {loss.temperature}): set config.loss.gamma instead')
+  if loss.beta is not None:
+    _check(0.0 <= loss.beta <= 1.0, f'config.loss.beta must be in [0, 1], got {loss.beta}')
+    _check(loss.gamma == 0, f'config.loss.beta weights both losses itself (section 6.2): set'
+           f' config.loss.gamma=0, or unset beta, got gamma {loss.gamma}')
   _check(loss.reduction in ('sum_over_time', 'mean'),
          f"config.loss.reduction must be 'sum_over_time' or 'mean', got {loss.reduction!r}")
 
@@ -284,3 +380,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0 < o.lr_decay <= 1, f'config.optim.lr_decay must be in (0, 1], got {o.lr_decay}')
   _check(o.clip_norm > 0, f'config.optim.clip_norm must be > 0, got {o.clip_norm}')
   _check(o.weight_decay >= 0, f'config.optim.weight_decay must be >= 0, got {o.weight_decay}')
+  _check(c.data.train_words is None or c.data.train_words > 0,
+         f'config.data.train_words must be > 0 (or unset: the whole split), got'
+         f' {c.data.train_words}')

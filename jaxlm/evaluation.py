@@ -149,12 +149,29 @@ def split_perplexities(
   return ppls
 
 
+MC_EMBED_MASKS = ('reference', 'word_types')
+
+
 def pass_masks(
-    model: models.LanguageModel, key: jax.Array, passes: range, rows: int
+    model: models.LanguageModel, key: jax.Array, passes: range, rows: int,
+    embed_masks: str = 'reference',
 ) -> dict[str, Any]:
   """The masks of `passes` side by side: pass p's are `model.variational_masks(fold_in(key, p),
-  1)`, repeated over its `rows` rows; leaves [len(passes) * rows, features], pass-major."""
+  1)`, repeated over its `rows` rows; leaves [len(passes) * rows, features], pass-major.
+
+  `embed_masks`: 'word_types' keeps the embedding masks of training (a word type dropped at
+  every occurrence in the pass); 'reference' does what Zilly et al.'s MC evaluation does. Its
+  embedding noise has shape [1, 1, 1] there, one scalar per pass: a pass drops every word
+  (its perplexity is then far above `mc_max_ppl`, so it is discarded and redrawn) or scales
+  every embedding by 1 / (1 - rate). So every kept pass scales, and no word type is dropped.
+  """
   drawn = [model.variational_masks(jax.random.fold_in(key, p), 1) for p in passes]
+  if embed_masks == 'reference':
+    for masks in drawn:
+      if masks['embed'] is not None:
+        masks['embed'] = jnp.full_like(masks['embed'], 1.0 / (1.0 - model.embed_dropout))
+  elif embed_masks != 'word_types':
+    raise ValueError(f'embed_masks must be one of {MC_EMBED_MASKS}, got {embed_masks!r}')
   return jax.tree.map(lambda *m: jnp.repeat(jnp.concatenate(m), rows, axis=0), *drawn)
 
 
@@ -166,10 +183,11 @@ def mc_log_probs(
     key: jax.Array,
     passes: range,
     place: Callable[[Any], Any] = _identity,
+    embed_masks: str = 'reference',
 ) -> np.ndarray:
-  """log p(target) of every target of `windows` under the masks of each pass, in the order of
-  the text: float64 [len(passes), num_targets]. The passes run side by side (`log_probs`)."""
-  masks = pass_masks(model, key, passes, windows[0].shape[1])
+  """log p(target) of every target of `windows` under the masks of each pass (`pass_masks`), in
+  the order of the text: float64 [len(passes), num_targets]. The passes run side by side."""
+  masks = pass_masks(model, key, passes, windows[0].shape[1], embed_masks)
   return log_probs(model, eval_step, params, windows, masks, len(passes), place)
 
 
@@ -183,6 +201,7 @@ def evaluate_mc(
     max_ppl: float = 500.0,
     passes_per_batch: int = 10,
     place: Callable[[Any], Any] = _identity,
+    embed_masks: str = 'reference',
 ) -> float:
   """MC-dropout perplexity over `windows`: exp(-mean log(mean over passes of p(target))).
 
@@ -193,7 +212,7 @@ def evaluate_mc(
   prob_sum, kept, drawn = 0.0, 0, 0
   while kept < num_samples:
     passes = range(drawn, drawn + min(passes_per_batch, num_samples - kept))
-    log_p = mc_log_probs(model, eval_step, params, windows, key, passes, place)
+    log_p = mc_log_probs(model, eval_step, params, windows, key, passes, place, embed_masks)
     drawn += len(passes)
     accept = np.exp(-log_p.mean(axis=1)) < max_ppl
     prob_sum = prob_sum + np.exp(log_p[accept]).sum(axis=0)
@@ -222,6 +241,6 @@ def mc_split_perplexities(
           data_lib.eval_windows(corpus.splits[split], config.test_batch_size, config.bptt,
                                 config.eval_max_tokens),
           jax.random.fold_in(key, zlib.crc32(split.encode())), config.mc_samples,
-          config.mc_max_ppl, config.mc_batch)
+          config.mc_max_ppl, config.mc_batch, embed_masks=config.mc_embed_masks)
       for split in splits
   }

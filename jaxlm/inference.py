@@ -46,9 +46,7 @@ class Trained(NamedTuple):
 
 def _config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   """The workdir's config.json over the schema's defaults (so keys added since keep theirs)."""
-  config = config_lib.base_config()
-  config.update(load_workdir_config(workdir))
-  return config
+  return config_lib.from_saved(load_workdir_config(workdir).to_dict())
 
 
 def load_trained(

@@ -66,6 +66,29 @@ ROWS = (
 )
 
 
+# Keys that say how a run is computed, logged or stopped, not what it trains: a run whose
+# config equals a row's in every other key is that row.
+NOT_RECIPE_KEYS = frozenset({
+    'seed', 'num_epochs', 'max_steps', 'log_every', 'checkpoint_every', 'eval_batch_size',
+    'eval_max_tokens', 'mc_samples', 'mc_max_ppl', 'mc_batch', 'mc_embed_masks', 'mesh.data',
+    'data.dir', 'data.tfds_dir', 'model.unroll', 'model.micro_scan', 'model.custom_vjp',
+    'model.compute_dtype', 'model.matmul_precision', 'loss.fused',
+})
+
+
+def recipe_differences(config: ml_collections.ConfigDict, row: PaperRow) -> list[str]:
+  """The recipe keys (dotted) in which `config` differs from `row`'s config."""
+  return config_lib.differences(config, row.config(), NOT_RECIPE_KEYS)
+
+
+def match_row(config: ml_collections.ConfigDict) -> Optional[PaperRow]:
+  """The paper's row that `config` trains (same recipe, see NOT_RECIPE_KEYS), or None."""
+  for row in ROWS:
+    if not recipe_differences(config, row):
+      return row
+  return None
+
+
 def find_row(corpus: str, core: str, arg: str) -> Optional[PaperRow]:
   """The paper's row trained by `config_lib.{lstm,rhn}_config(corpus, arg)`, or None."""
   for row in ROWS:

@@ -29,7 +29,9 @@ from jaxlm import evaluation
 from jaxlm import losses
 from jaxlm import models
 from jaxlm import sharding
-from jaxlm.checkpoint import Checkpointer, abstract, model_signature, save_config, save_or_check_vocab
+from jaxlm import subspace
+from jaxlm.checkpoint import Checkpointer, abstract, check_resumed_config, check_writable_workdir
+from jaxlm.checkpoint import model_signature, save_config, save_or_check_vocab
 from jaxlm.errors import UserError
 from jaxlm.metrics import MetricsWriter
 
@@ -71,10 +73,13 @@ def create_train_state(
     batch_size: int,
     bptt: int,
     seed: int,
+    unit_norm_embedding: bool = False,
 ) -> TrainState:
   """The initial state (parameters from `seed`, zero carry [batch_size, ...]), unplaced."""
   init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
   params = models.init_params(model, init_key, batch_size, bptt)
+  if unit_norm_embedding:
+    params = models.unit_norm_embedding(params)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -96,9 +101,23 @@ def setup_train_state(
   use it. The carry is split over the 'data' axis, everything else replicated.
   """
   new_state = functools.partial(
-      create_train_state, model, tx, config.batch_size, config.bptt, config.seed)
+      create_train_state, model, tx, config.batch_size, config.bptt, config.seed,
+      config.optim.unit_norm_embedding)
   shardings = sharding.state_shardings(jax.eval_shape(new_state), mesh)
   return jax.jit(new_state, out_shardings=shardings)(), shardings
+
+
+def loss_weights(loss_config: ml_collections.ConfigDict, vocab_size: int) -> tuple[float, float]:
+  """The weights of CE (J) and KL (J^aug) in the loss.
+
+  (1, gamma * tau) by default: J + alpha J^aug. With `loss_config.beta` set, section 6.2's
+  (1 - beta, beta tau^2 V): for a large tau the KL's gradient, (y^tau - y~) / tau, is about
+  (z - E u) / (tau^2 V), and the factor brings it back to order one.
+  """
+  if loss_config.beta is None:
+    return 1.0, loss_config.aug_weight
+  beta, tau = loss_config.beta, loss_config.temperature
+  return 1.0 - beta, beta * tau**2 * vocab_size
 
 
 def make_loss_fn(
@@ -108,14 +127,15 @@ def make_loss_fn(
 ) -> Callable:
   """loss_fn(params, inputs, targets, carry, masks) -> (loss, (carry, ce_sum, kl_sum)).
 
-  The loss SGD sees: CE + aug_weight * KL, each reduced by `config.loss.reduction`, plus
-  weight_decay * sum(w^2) / 2. With `config.loss.fused`, CE and KL come from
+  The loss SGD sees: `loss_weights` times CE and KL, each reduced by `config.loss.reduction`,
+  plus weight_decay * sum(w^2) / 2. With `config.loss.fused`, CE and KL come from
   `losses.fused_ce_and_kl` (same values and gradients, a faster backward pass), whose target
   distribution is built for at most `max_distinct_targets` distinct targets per window (None:
   one per token); otherwise from the plain `cross_entropy` and `augmented_kl`.
   """
   loss_config, weight_decay = config.loss, config.optim.weight_decay
-  with_kl = loss_config.aug_weight > 0
+  ce_weight, kl_weight = loss_weights(loss_config, model.vocab_size)
+  with_kl = kl_weight > 0
 
   def token_losses(logits, targets, embedding):
     if loss_config.fused:
@@ -132,9 +152,11 @@ def make_loss_fn(
     logits, carry = model.apply({'params': params}, inputs, carry, masks)
     ce, kl = token_losses(logits, targets, models.embedding_matrix(params))
     loss = losses.reduce_tokens(ce, None, loss_config.reduction)
+    if ce_weight != 1:
+      loss = ce_weight * loss
     kl_sum = jnp.zeros((), jnp.float32)
     if kl is not None:
-      loss = loss + loss_config.aug_weight * losses.reduce_tokens(kl, None, loss_config.reduction)
+      loss = loss + kl_weight * losses.reduce_tokens(kl, None, loss_config.reduction)
       kl_sum = jnp.sum(kl)
     if weight_decay > 0:
       loss = loss + weight_decay * losses.l2_penalty(params)
@@ -167,9 +189,12 @@ def make_train_step(
         state.params, inputs, targets, state.carry, masks
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if config.optim.unit_norm_embedding:
+      params = models.unit_norm_embedding(params)
     new_state = state.replace(
         step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
+        params=params,
         opt_state=opt_state,
         carry=carry,
     )
@@ -195,6 +220,29 @@ class Progress:
   epoch_tokens: int = 0
 
 
+def machine_description() -> str:
+  """What the run computes on, e.g. 'cpu: AMD EPYC 7B13 (2 cores)' or '8 x TPU v4'."""
+  devices = jax.devices()
+  if devices[0].platform != 'cpu':
+    return f'{len(devices)} x {devices[0].device_kind}'
+  model = 'unknown CPU'
+  if os.path.exists('/proc/cpuinfo'):
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    model = names[0] if names else model
+  return f'cpu: {model} ({os.cpu_count()} cores)'
+
+
+def subspace_metrics(params: Any) -> dict[str, float]:
+  """{'subspace_distance': between the spaces of E and W} for an untied model (section 6.2),
+  {} for a tied one (W = E)."""
+  readout = models.readout_matrix(params)
+  if readout is None:
+    return {}
+  embedding = jax.device_get(models.embedding_matrix(params))
+  return {'subspace_distance': subspace.subspace_distance(embedding, jax.device_get(readout))}
+
+
 def load_corpus(config: ml_collections.ConfigDict) -> data_lib.Corpus:
   """The corpus, built by process 0 before the others read it (the TFDS folder may be shared)."""
   load = lambda: data_lib.load_corpus(config.data.corpus, config.data.dir, config.data.tfds_dir)
@@ -217,16 +265,22 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 def _fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
+  check_writable_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config)
   corpus = load_corpus(config)
+  for change in check_resumed_config(config, workdir):
+    logging.info('resuming with %s', change)
   save_or_check_vocab(corpus.vocab, workdir)
   save_config(config, workdir)
   model = models.build_model(config, len(corpus.vocab))
   signature = model_signature(config.model, len(corpus.vocab))
 
   rows = sharding.process_rows(sharding.batch_sharding(mesh), config.batch_size)
-  streams = data_lib.train_streams(corpus.splits['train'], config.batch_size)
+  train_ids = corpus.splits['train']
+  if config.data.train_words is not None:
+    train_ids = data_lib.contiguous_run(train_ids, config.data.train_words, config.seed)
+  streams = data_lib.train_streams(train_ids, config.batch_size)
   steps_per_epoch = data_lib.num_train_windows(streams, config.bptt)
   if steps_per_epoch < 1:
     raise UserError(
@@ -255,6 +309,8 @@ def _fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   step = int(state.step)
   writer = MetricsWriter(workdir, resume_step=step if restored else None,
                          enabled=jax.process_index() == 0)
+  writer.write('start', step, machine=machine_description(), processes=jax.process_count(),
+               jax_version=jax.__version__)
 
   def save_latest():
     meta = {'signature': signature, 'progress': dataclasses.asdict(progress)}
@@ -321,9 +377,10 @@ def _fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       writer.write(
           'epoch', step, epoch=epoch, complete=epoch_done,
           lr=epoch_learning_rate(config.optim, epoch),
-          train_ppl=math.exp(progress.epoch_ce_sum / max(progress.epoch_tokens, 1)),
+          train_ppl=perplexity(progress.epoch_ce_sum / max(progress.epoch_tokens, 1)),
           valid_ppl=valid_ppl,
           tokens_per_sec=(step - epoch_start_step) * tokens_per_step / max(train_seconds, 1e-9),
+          **subspace_metrics(state.params),
       )
       logging.info('epoch %d%s: valid ppl %.2f', epoch, '' if epoch_done else ' (partial)',
                    valid_ppl)
@@ -336,10 +393,15 @@ def _fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       save_latest()
 
     checkpointer.wait()
-    best = checkpointer.restore_best(abstract(state.params), signature)
+    try:
+      best = checkpointer.restore_best(abstract(state.params), signature)
+    except UserError as e:  # no readable best checkpoint
+      logging.warning('%s; evaluating the last parameters instead', e)
+      best = None
     params = state.params if best is None else best[0]
     final = evaluation.split_perplexities(config, model, eval_step, params, corpus,
                                           place=sharding.placer(mesh, config.test_batch_size))
+    final.update(subspace_metrics(params))
     writer.write('test', step, **final)
     logging.info('best parameters: valid ppl %.2f, test ppl %.2f (batch %d)',
                  final['valid_ppl'], final['test_ppl'], config.test_batch_size)
@@ -374,7 +436,7 @@ class _IntervalLog:
     self._train_seconds += elapsed
     tokens_per_sec = self._steps * self._tokens_per_step / elapsed
     eta = (self._total_steps - step) * elapsed / self._steps
-    train_ppl = math.exp(self._ce_sum / (self._steps * self._tokens_per_step))
+    train_ppl = perplexity(self._ce_sum / (self._steps * self._tokens_per_step))
     self._writer.write('train', step, epoch=self._epoch, loss=metrics['loss'],
                        train_ppl=train_ppl, kl=metrics['kl_sum'] / self._tokens_per_step,
                        grad_norm=metrics['grad_norm'], tokens_per_sec=tokens_per_sec)
@@ -386,6 +448,11 @@ class _IntervalLog:
   def close(self) -> float:
     """The seconds spent training in this epoch (validation excluded)."""
     return self._train_seconds + time.perf_counter() - self._start
+
+
+def perplexity(mean_nll: float) -> float:
+  """exp(mean negative log-likelihood), inf past float64's range (a diverging run)."""
+  return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
 
 
 def _format_duration(seconds: float) -> str:

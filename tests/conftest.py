@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxlm import checkpoint
+from jaxlm import config as config_lib
 from jaxlm import models
 from jaxlm import train
 
@@ -31,7 +32,7 @@ def tfds_dir(tmp_path_factory) -> pathlib.Path:
 def restore_latest_state(workdir):
   """(TrainState, meta) of a workdir's latest checkpoint, on one device."""
   workdir = str(workdir)
-  config = checkpoint.load_workdir_config(workdir)
+  config = config_lib.from_saved(checkpoint.load_workdir_config(workdir).to_dict())
   vocab = checkpoint.load_workdir_vocab(workdir)
   model = models.build_model(config, len(vocab))
   tx = train.make_optimizer(config.optim, 1)

@@ -1,6 +1,7 @@
 """Config files, the paper's rows, overrides and validation."""
 
 import importlib.util
+import json
 
 import pytest
 
@@ -17,7 +18,8 @@ def load_config_file(name, arg=None):
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
-@pytest.mark.parametrize('name', ['ptb_lstm', 'wt2_lstm', 'tiny', 'ptb_rhn', 'wt2_rhn'])
+@pytest.mark.parametrize('name', ['ptb_lstm', 'wt2_lstm', 'tiny', 'ptb_rhn', 'wt2_rhn',
+                                  'ptb_subspace'])
 def test_config_files_load_bare_and_validate(name):
   config = load_config_file(name)
   config_lib.validate(config)
@@ -37,9 +39,9 @@ def test_ptb_rows(size, hidden, init, drop, variant):
   assert c.model.tied == (variant in ('re', 'real'))
   assert not c.model.output_bias
   if variant in ('al', 'real'):
-    assert c.loss.temperature == 20.0 and c.loss.aug_weight / c.loss.temperature == 0.5
+    assert (c.loss.gamma, c.loss.temperature, c.loss.aug_weight) == (0.5, 20.0, 10.0)
   else:
-    assert c.loss.aug_weight == 0.0
+    assert c.loss.gamma == c.loss.aug_weight == 0.0
   assert c.batch_size == 20 and c.bptt == 35 and c.optim.learning_rate == 1.0
   assert c.loss.reduction == 'sum_over_time'
 
@@ -164,3 +166,54 @@ def test_rhn_output_rate_is_its_own():
   c.model.core = 'lstm'
   with pytest.raises(UserError, match='share_state_and_input'):
     config_lib.validate(c)
+
+
+def test_aug_weight_is_gamma_times_temperature_and_follows_overrides():
+  c = load_config_file('ptb_lstm', 'small,real')
+  c.loss.temperature = 5.0  # an override of tau keeps gamma (the paper's appendix)
+  assert (c.loss.gamma, c.loss.aug_weight) == (0.5, 2.5)
+  c.loss.gamma = 0.8
+  assert c.loss.aug_weight == pytest.approx(4.0)
+  config_lib.validate(c)
+  assert json.loads(c.to_json())['loss']['aug_weight'] == pytest.approx(4.0)  # saved, shown
+  c.loss.aug_weight = 3.0  # set directly, it would disagree with gamma: refused
+  with pytest.raises(UserError, match='set config.loss.gamma instead'):
+    config_lib.validate(c)
+
+
+def test_saved_configs_of_older_workdirs_get_gamma_from_alpha():
+  # config.json written before gamma existed held alpha = aug_weight only.
+  real = json.loads(load_config_file('ptb_lstm', 'small,real').to_json())
+  re = json.loads(load_config_file('ptb_lstm', 'small,re').to_json())
+  for saved, gamma in ((real, 0.5), (re, 0.0)):
+    del saved['loss']['gamma'], saved['model']['readout_init_scale']  # keys added since
+    saved['loss']['temperature'] = 10.0
+    saved['loss']['aug_weight'] = gamma * 10.0
+    c = config_lib.from_saved(saved)
+    config_lib.validate(c)
+    assert (c.loss.gamma, c.loss.aug_weight) == (gamma, gamma * 10.0)
+    assert c.model.readout_init_scale is None
+
+
+@pytest.mark.parametrize('change,message', [
+    (lambda c: setattr(c.loss, 'beta', 1.5), 'beta must be in'),
+    (lambda c: setattr(c.loss, 'gamma', 0.5), 'set config.loss.gamma=0'),
+    (lambda c: setattr(c.loss, 'gamma', -1.0), 'gamma must be >= 0'),
+    (lambda c: setattr(c.data, 'train_words', 0), 'train_words must be > 0'),
+])
+def test_bad_loss_and_optimizer_values_are_refused(change, message):
+  c = load_config_file('ptb_subspace')
+  config_lib.validate(c)
+  change(c)
+  with pytest.raises(UserError, match=message):
+    config_lib.validate(c)
+
+
+def test_subspace_config_is_the_section_6_2_setup():
+  c = load_config_file('ptb_subspace')
+  assert c.model.num_layers == 2 and c.model.hidden_size == c.model.embed_size == 300
+  assert not c.model.tied and c.data.train_words == 20_000 and c.data.corpus == 'ptb'
+  assert c.dropout.embed == c.dropout.input == c.dropout.state == c.dropout.output == 0.0
+  assert c.optim.weight_decay == 0.0 and c.optim.unit_norm_embedding
+  assert c.loss.gamma == 0.0 and c.loss.beta == 1.0 and c.loss.temperature == 10.0
+  assert c.loss.stop_target_gradient and c.model.readout_init_scale == 0.0

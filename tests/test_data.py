@@ -375,3 +375,15 @@ def test_tiny_lines_have_structure():
   bigram_ppl = np.exp(-np.log(bigram[valid[:-1], valid[1:]]).mean())
   unigram_ppl = np.exp(-np.log(unigram[valid[1:]]).mean())
   assert bigram_ppl < 12 and unigram_ppl > 4 * bigram_ppl
+
+
+def test_contiguous_run_is_a_slice_drawn_from_the_seed():
+  ids = np.arange(1000)
+  runs = {seed: data.contiguous_run(ids, 100, seed) for seed in range(5)}
+  for seed, run in runs.items():
+    assert len(run) == 100 and np.all(np.diff(run) == 1)  # contiguous: a slice of ids
+    np.testing.assert_array_equal(run, data.contiguous_run(ids, 100, seed))  # reproducible
+  assert len({int(run[0]) for run in runs.values()}) > 1  # the start depends on the seed
+  np.testing.assert_array_equal(data.contiguous_run(ids, 1000, 3), ids)
+  with pytest.raises(UserError, match='longer than the train split'):
+    data.contiguous_run(ids, 1001, 0)

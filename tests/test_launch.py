@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,10 +11,14 @@ import pytest
 from tests.conftest import REPO
 
 
-def launch(*args, cwd=REPO, env_extra=None):
+def launch(*args, cwd=REPO, env_extra=None, python_args=None):
+  """launch.py ARGS in a subprocess on the CPU; `python_args` replaces `launch.py` (e.g. with
+  `-c CODE`); an `env_extra` value of None removes that variable."""
   env = {k: v for k, v in os.environ.items() if k != 'JAXLM_DATA_DIR'}
   env.update({'JAX_PLATFORMS': 'cpu', **(env_extra or {})})
-  return subprocess.run([sys.executable, str(REPO / 'launch.py'), *args], cwd=cwd, env=env,
+  env = {k: v for k, v in env.items() if v is not None}
+  command = python_args or [str(REPO / 'launch.py')]
+  return subprocess.run([sys.executable, *command, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
 
 
@@ -38,7 +43,7 @@ def test_tiny_end_to_end_with_relative_workdir(tmp_path, tfds_dir):
   first = results(proc)
   assert first['valid_ppl'] < 20
   lines = read_jsonl(workdir / 'metrics.jsonl')
-  assert {l['kind'] for l in lines} == {'train', 'epoch', 'test'}
+  assert {l['kind'] for l in lines} == {'start', 'train', 'epoch', 'test'}
   assert (workdir / 'vocab.txt').exists()
   assert any(name.startswith('events') for name in os.listdir(workdir / 'tensorboard'))
   # Eval mode reads the best checkpoint and prints the same numbers.
@@ -92,8 +97,50 @@ def test_bad_config_is_one_line(tmp_path, override, match):
 def test_bad_config_file_or_argument_is_one_line(tmp_path):
   check_one_line_error(launch('--config=configs/ptb_lstm.py:huge', f'--workdir={tmp_path}'),
                        "unknown config argument 'huge'")
-  check_one_line_error(launch('--config=configs/nope.py', f'--workdir={tmp_path}'),
-                       'configs/nope.py')
+  check_one_line_error(
+      launch('--config=configs/nope.py', f'--workdir={tmp_path}'),
+      "cannot load --config: [Errno 2] No such file or directory: 'configs/nope.py'")
+  check_one_line_error(launch('--config=configs/nope.py', f'--workdir={tmp_path}',
+                              '--config.seed=1'), 'No such file or directory')
+  check_one_line_error(launch('--config=configs/tiny.py', f'--workdir={tmp_path}',
+                              '--config.model.hiden_size=3'), "did you mean 'hidden_size'?")
+  (tmp_path / 'no_get_config.py').write_text('seed = 1\n')
+  check_one_line_error(launch(f'--config={tmp_path / "no_get_config.py"}',
+                              f'--workdir={tmp_path}'), "has no attribute 'get_config'")
+  # get_config raising a ValueError (or TypeError): the error and where, not the traceback.
+  (tmp_path / 'raises.py').write_text('def get_config(arg=None):\n  raise ValueError("bad")\n')
+  check_one_line_error(launch(f'--config={tmp_path / "raises.py"}', f'--workdir={tmp_path}'),
+                       f'get_config failed: ValueError: bad (at {tmp_path / "raises.py"}:2)')
+
+
+def test_bug_in_a_config_file_keeps_its_traceback(tmp_path):
+  (tmp_path / 'typo.py').write_text('def get_config(arg=None):\n  return confg\n')
+  proc = launch(f'--config={tmp_path / "typo.py"}', f'--workdir={tmp_path / "w"}')
+  assert proc.returncode == 1 and 'Traceback' in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == "NameError: name 'confg' is not defined"
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('num_tokens', ['0', '100001', '100000000', '10000000000'])
+def test_num_tokens_out_of_range_is_one_line(tmp_path, num_tokens):
+  proc = launch(f'--workdir={tmp_path}', '--mode=sample', '--prompt=the',
+                f'--num_tokens={num_tokens}')
+  check_one_line_error(proc, f'--num_tokens={num_tokens} must be between 1 and 100,000')
+
+
+def test_first_run_prints_only_the_result_on_stdout_and_only_our_logs(tmp_path):
+  # A fresh TFDS folder (a first build, which TFDS announces with print) and no JAX_PLATFORMS
+  # (JAX then looks for a TPU first and logs that it found none).
+  proc = launch('--config=configs/tiny.py', f'--workdir={tmp_path / "w"}',
+                f'--config.data.tfds_dir={tmp_path / "tfds"}', '--config.max_steps=2',
+                '--config.eval_max_tokens=50', env_extra={'JAX_PLATFORMS': None})
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines() == [proc.stdout.strip()]
+  assert set(results(proc)) == {'valid_ppl', 'test_ppl', 'step'}
+  assert 'tiny_corpus' in proc.stderr  # TFDS's announcement went to stderr instead
+  ours = {p.name for p in (REPO / 'jaxlm').rglob('*.py')} | {'launch.py'}
+  info = re.findall(r'^I\d{4} [\d:.]+ +\d+ (\S+):\d+\]', proc.stderr, re.MULTILINE)
+  assert info and set(info) <= ours, info
 
 
 def test_missing_data_is_one_line_and_names_both_ways(tmp_path):
@@ -117,6 +164,8 @@ def test_workdir_mistakes_are_one_line(tmp_path, tfds_dir):
           f'--config.data.tfds_dir={tfds_dir}', '--config.max_steps=2',
           '--config.eval_max_tokens=50']
   assert launch(*tiny).returncode == 0
+  saved = (tmp_path / 'w' / 'config.json').read_text()
   proc = launch(*tiny, '--config.model.hidden_size=16', '--config.model.embed_size=16')
-  check_one_line_error(proc, 'different model')
+  check_one_line_error(proc, 'another config (model.embed_size 32 -> 16, model.hidden_size')
+  assert (tmp_path / 'w' / 'config.json').read_text() == saved
   assert launch(*tiny, '--mode=eval').returncode == 0  # nothing saved was lost

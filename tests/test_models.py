@@ -227,3 +227,15 @@ def test_bfloat16_compute_keeps_float32_parameters(arg):
   assert {leaf.dtype for leaf in jax.tree.leaves(carry16)} == {jnp.dtype('float32')}
   np.testing.assert_allclose(logits16, logits32, atol=0.05)
   assert not np.array_equal(logits16, logits32)  # the matmuls really ran in bfloat16
+
+
+def test_readout_init_scale_sets_only_the_untied_readout():
+  c = config_lib.tiny_config('al')  # untied
+  c.model.readout_init_scale = 0.0
+  params = models.init_params(models.build_model(c, 40), jax.random.PRNGKey(0), 2, 3)
+  assert not np.any(params['readout']['kernel']) and not np.any(params['readout']['bias'])
+  assert np.max(np.abs(params['embed']['embedding'])) > 0.5 * c.model.init_scale
+  c.model.readout_init_scale = None  # the default: init_scale, like every other parameter
+  params = models.init_params(models.build_model(c, 40), jax.random.PRNGKey(0), 2, 3)
+  assert 0.5 * c.model.init_scale < np.max(np.abs(params['readout']['kernel'])) <= (
+      c.model.init_scale)

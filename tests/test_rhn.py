@@ -292,13 +292,16 @@ def tiny_model(core_name, rate=0.3):
   return config, model, models.init_params(model, jax.random.PRNGKey(3), 1, 1)
 
 
-def np_pass_log_probs(config, model, params, stream, key, num_passes):
+def np_pass_log_probs(config, model, params, stream, key, num_passes, word_types=True):
   """log p(target) [passes, N - 1] of the whole stream read at batch 1, in float64 NumPy:
-  pass p reads it as one sequence with the masks of `variational_masks(fold_in(key, p), 1)`."""
+  pass p reads it as one sequence with the masks of `variational_masks(fold_in(key, p), 1)`;
+  without `word_types`, the embedding mask replaced by 1 / (1 - rate) for every word."""
   tokens = np.asarray(stream[:-1])[None]
   log_probs = []
   for p in range(num_passes):
     masks = model.variational_masks(jax.random.fold_in(key, p), 1)
+    if not word_types:
+      masks['embed'] = np.full(masks['embed'].shape, 1.0 / (1.0 - config.dropout.embed))
     carry = jax.tree.map(lambda a: np.zeros(a.shape), model.initial_carry(1))
     if config.model.core == 'rhn':
       logits, _ = np_rhn_lm(params, tokens, carry, masks, config.model.depth)
@@ -319,13 +322,20 @@ def test_mc_dropout_matches_per_pass_numpy(core_name):
   log_p = np_pass_log_probs(config, model, params, stream, key, 5)
   expected = math.exp(-np.mean(np.log(np.exp(log_p).mean(axis=0))))
   step = evaluation.make_eval_step(model)
-  got = evaluation.evaluate_mc(model, step, params, windows, key, 5, passes_per_batch=2)
+  got = evaluation.evaluate_mc(model, step, params, windows, key, 5, passes_per_batch=2,
+                               embed_masks='word_types')
   assert got == pytest.approx(expected, rel=1e-5)
   # Per-pass log-probabilities, however many passes share a batch.
+  np.testing.assert_allclose(evaluation.mc_log_probs(
+      model, step, params, windows, key, range(5), embed_masks='word_types'), log_p, atol=1e-5)
+  assert evaluation.evaluate_mc(model, step, params, windows, key, 5, passes_per_batch=5,
+                                embed_masks='word_types') == pytest.approx(got, rel=1e-6)
+  # The reference's MC embedding noise: every word kept, scaled by 1 / (1 - rate).
+  reference = np_pass_log_probs(config, model, params, stream, key, 5, word_types=False)
   np.testing.assert_allclose(
-      evaluation.mc_log_probs(model, step, params, windows, key, range(5)), log_p, atol=1e-5)
-  assert evaluation.evaluate_mc(model, step, params, windows, key, 5,
-                                passes_per_batch=5) == pytest.approx(got, rel=1e-6)
+      evaluation.mc_log_probs(model, step, params, windows, key, range(5)), reference, atol=1e-5)
+  if config.dropout.embed > 0:
+    assert np.max(np.abs(reference - log_p)) > 1e-3  # the two differ where words are dropped
   # Not the mean of the per-pass perplexities, nor the deterministic model's.
   deterministic = evaluation.evaluate(model, evaluation.make_eval_step(model), params, windows)
   assert got != pytest.approx(np.exp(-log_p.mean(axis=1)).mean(), rel=1e-4)

@@ -14,6 +14,7 @@ from jaxlm import inference
 from jaxlm import losses
 from jaxlm import metrics
 from jaxlm import models
+from jaxlm import subspace
 from jaxlm import train
 from jaxlm.errors import UserError
 from tests.conftest import restore_latest_state
@@ -46,13 +47,13 @@ def test_schedule_matches_the_papers_formula():
 
 def test_loss_is_ce_plus_weighted_kl_plus_l2_summed_over_time(tiny):
   tiny.optim.weight_decay = 1e-3
-  tiny.loss.aug_weight = 3.0
   model = models.build_model(tiny, 50)
   params = models.init_params(model, jax.random.PRNGKey(0), 4, 6)
   # A KL far above float32 rounding (at init, y~ is about uniform and the KL ~1e-6 per token,
   # the size of the rounding of its V terms): a larger embedding and a lower temperature.
   params['embed']['embedding'] = params['embed']['embedding'] * 20.0
   tiny.loss.temperature = 2.0
+  tiny.loss.gamma = 1.5  # alpha = gamma * tau = 3
   rng = np.random.default_rng(0)
   inputs, targets = (rng.integers(0, 50, (4, 6)).astype(np.int32) for _ in range(2))
   carry = model.initial_carry(4)
@@ -155,9 +156,11 @@ def test_workdir_of_another_model_shape_is_refused(tiny, tmp_path):
   tiny.max_steps = 5
   tiny.eval_max_tokens = 100
   train.fit(tiny, str(tmp_path))
+  saved = (tmp_path / 'config.json').read_text()
   tiny.model.hidden_size = tiny.model.embed_size = 16
-  with pytest.raises(UserError, match='different model .*hidden_size 32 vs 16'):
+  with pytest.raises(UserError, match='another config .*model.hidden_size 32 -> 16'):
     train.fit(tiny, str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == saved  # refused before anything is written
   # Nothing saved was lost.
   tiny.model.hidden_size = tiny.model.embed_size = 32
   assert inference.evaluate_trained(inference.load_trained(str(tmp_path), config=tiny))['valid_ppl'] > 0
@@ -173,3 +176,75 @@ def test_workdir_keeps_its_config(tiny, tmp_path):
   tiny.eval_max_tokens = 50
   train.fit(tiny, str(tmp_path))
   assert checkpoint.load_workdir_config(str(tmp_path)).to_dict() == tiny.to_dict()
+
+
+def test_section_6_2_loss_weights_beta_tau_squared_v_kl_and_one_minus_beta_ce(tiny):
+  tiny.loss.gamma = 0.0
+  tiny.loss.beta = 0.25
+  tiny.loss.temperature = 2.0
+  vocab = 50
+  model = models.build_model(tiny, vocab)
+  params = models.init_params(model, jax.random.PRNGKey(0), 4, 6)
+  params['embed']['embedding'] = params['embed']['embedding'] * 20.0  # a KL above rounding
+  rng = np.random.default_rng(0)
+  inputs, targets = (rng.integers(0, vocab, (4, 6)).astype(np.int32) for _ in range(2))
+  carry = model.initial_carry(4)
+  loss, _ = train.make_loss_fn(model, tiny)(params, inputs, targets, carry, None)
+  logits, _ = model.apply({'params': params}, inputs, carry)
+  ce = float(np.sum(losses.cross_entropy(logits, targets))) / 4
+  kl = float(np.sum(losses.augmented_kl(logits, targets, params['embed']['embedding'], 2.0))) / 4
+  assert float(loss) == pytest.approx(0.75 * ce + 0.25 * 2.0**2 * vocab * kl, rel=1e-5)
+  assert train.loss_weights(tiny.loss, vocab) == (0.75, 0.25 * 4.0 * vocab)
+  tiny.loss.beta = None
+  tiny.loss.gamma = 1.5
+  assert train.loss_weights(tiny.loss, vocab) == (1.0, 3.0)
+
+
+def test_unit_norm_embedding_holds_at_init_and_after_every_step(tiny):
+  tiny.optim.unit_norm_embedding = True
+  model = models.build_model(tiny, 50)
+  tx = train.make_optimizer(tiny.optim, 10)
+  state = train.create_train_state(model, tx, 8, 10, seed=0, unit_norm_embedding=True)
+  step = train.make_train_step(model, tx, tiny)
+  rng = np.random.default_rng(1)
+  for _ in range(3):
+    norms = np.linalg.norm(np.asarray(models.embedding_matrix(state.params), np.float64), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-6)
+    before = np.asarray(models.embedding_matrix(state.params))
+    state, _ = step(state, *(rng.integers(0, 50, (8, 10)).astype(np.int32) for _ in range(2)))
+    assert not np.allclose(before, models.embedding_matrix(state.params))  # it did train
+
+
+def test_untied_runs_report_the_subspace_distance_of_e_and_w(tiny, tmp_path):
+  tiny.model.tied = False
+  tiny.max_steps = 20
+  tiny.eval_max_tokens = 100
+  result = train.fit(tiny, str(tmp_path))
+  best = inference.load_trained(str(tmp_path), config=tiny).params
+  e = np.asarray(best['embed']['embedding'], np.float64)
+  w = np.asarray(best['readout']['kernel'], np.float64).T  # [V, d], like E
+  assert result['subspace_distance'] == pytest.approx(subspace.subspace_distance(e, w), rel=1e-9)
+  assert 0.0 < result['subspace_distance'] < 1.0
+  lines = metrics.read_metrics(str(tmp_path))
+  assert all('subspace_distance' in l for l in lines if l['kind'] in ('epoch', 'test'))
+  assert lines[0]['kind'] == 'start' and lines[0]['machine']
+  # A tied model has W = E: nothing to report.
+  assert train.subspace_metrics(models.init_params(
+      models.build_model(config_lib.tiny_config(), 50), jax.random.PRNGKey(0), 1, 1)) == {}
+
+
+def test_resume_refuses_a_changed_recipe_but_allows_a_longer_run(tiny, tmp_path):
+  tiny.max_steps = 5
+  tiny.eval_max_tokens = 100
+  train.fit(tiny, str(tmp_path))
+  saved = (tmp_path / 'config.json').read_text()
+  for key, value in (('seed', 1), ('optim.clip_norm', 1.0), ('loss.gamma', 1.0)):
+    changed = config_lib.from_saved(tiny.to_dict())
+    section, _, name = key.rpartition('.')
+    setattr(changed[section] if section else changed, name, value)
+    with pytest.raises(UserError, match=f'another config .*{key} '):
+      train.fit(changed, str(tmp_path))
+    assert (tmp_path / 'config.json').read_text() == saved
+  tiny.max_steps = 8  # extends the run: allowed, and the new config is saved
+  assert train.fit(tiny, str(tmp_path))['step'] == 8
+  assert checkpoint.load_workdir_config(str(tmp_path)).max_steps == 8

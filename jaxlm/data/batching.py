@@ -22,6 +22,16 @@ def _check_positive(name: str, value: int) -> None:
     raise UserError(f'{name} must be positive, got {value}.')
 
 
+def contiguous_run(ids: np.ndarray, length: int, seed: int) -> np.ndarray:
+  """`length` consecutive tokens of `ids` [N], starting at a position drawn from `seed`."""
+  _check_positive('length', length)
+  if length > len(ids):
+    raise UserError(f'data.train_words ({length}) is longer than the train split ({len(ids)}'
+                    ' tokens): lower it, or unset it to train on the whole split')
+  start = np.random.default_rng(seed).integers(0, len(ids) - length + 1)
+  return np.asarray(ids)[start:start + length]
+
+
 def train_streams(ids: np.ndarray, batch_size: int) -> np.ndarray:
   """Cuts `ids` [N] into `batch_size` contiguous streams.
 

@@ -6,6 +6,7 @@ import ml_collections
 
 from jaxlm.models.dropout import apply_mask, bernoulli_mask, gather_word_mask
 from jaxlm.models.lm import LanguageModel, count_params, embedding_matrix, init_params, param_shapes
+from jaxlm.models.lm import readout_matrix, unit_norm_embedding
 from jaxlm.models.lstm import LSTMCore, lstm_scan
 from jaxlm.models.rhn import RHNCore, rhn_scan
 
@@ -56,6 +57,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> LanguageM
       tied=m.tied,
       output_bias=m.output_bias,
       init_scale=m.init_scale,
+      readout_init_scale=m.readout_init_scale,
       embed_dropout=config.dropout.embed,
       dtype=jnp.dtype(m.compute_dtype),
   )

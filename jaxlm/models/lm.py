@@ -22,6 +22,7 @@ class LanguageModel(nn.Module):
     tied: reuse the embedding as the output classifier, logits = h E^T (RE).
     output_bias: add a bias to the logits (untied read-outs always have one).
     init_scale: every parameter outside the core starts in U(-init_scale, init_scale).
+    readout_init_scale: that of an untied read-out's kernel and bias instead; None: init_scale.
     embed_dropout: word-type dropout rate on the embedding.
     dtype: compute dtype of the read-out matmul (bfloat16 on TPUs); logits come back float32.
   """
@@ -32,6 +33,7 @@ class LanguageModel(nn.Module):
   tied: bool = True
   output_bias: bool = False
   init_scale: float = 0.05
+  readout_init_scale: Optional[float] = None
   embed_dropout: float = 0.0
   dtype: Any = jnp.float32  # compute dtype of the read-out; parameters stay float32
 
@@ -73,9 +75,11 @@ class LanguageModel(nn.Module):
       if self.output_bias:
         logits = logits + self.param('output_bias', init, (self.vocab_size,))
     else:
+      readout_init = init if self.readout_init_scale is None else symmetric_uniform(
+          self.readout_init_scale)
       logits = nn.Dense(
-          self.vocab_size, use_bias=True, kernel_init=init, bias_init=init, dtype=self.dtype,
-          name='readout',
+          self.vocab_size, use_bias=True, kernel_init=readout_init, bias_init=readout_init,
+          dtype=self.dtype, name='readout',
       )(h).astype(self.logits_dtype)
     return logits, carry
 
@@ -88,6 +92,20 @@ class LanguageModel(nn.Module):
 def embedding_matrix(params: Any) -> jax.Array:
   """The input embedding E, [vocab, embed], from a LanguageModel's `params` collection."""
   return params['embed']['embedding']
+
+
+def readout_matrix(params: Any) -> Optional[jax.Array]:
+  """The output classifier W, [vocab, hidden] like E; None for a tied model (W = E)."""
+  if 'readout' not in params:
+    return None
+  return params['readout']['kernel'].T
+
+
+def unit_norm_embedding(params: Any) -> Any:
+  """`params` with every row of E scaled to norm 1 (the section 6.2 constraint)."""
+  e = embedding_matrix(params)
+  e = e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+  return {**params, 'embed': {**params['embed'], 'embedding': e}}
 
 
 def init_params(model: LanguageModel, key: jax.Array, batch_size: int, bptt: int) -> Any:

@@ -1,0 +1,266 @@
+"""The results report: every run under a folder, against the paper's numbers.
+
+  python -m jaxlm.report --runs=~/jaxlm-runs --out=results
+
+reads each workdir under --runs (a folder holding `config.json` and `metrics.jsonl`, at any
+depth) and writes to --out:
+- `report.md`: one row per run: the paper's row it trains (`paper.match_row`), the paper's
+  validation/test perplexity, ours (the best parameters at batch 1 for a finished run; the
+  latest validation for one in progress), the differences in %, parameters, epochs done and
+  planned, training time and tokens/s, the machine;
+- `valid_CORPUS_SIZE.png`: validation perplexity per epoch of the variants of one size on one
+  plot (the layout of the paper's Figure 2), the paper's final validation numbers dashed.
+
+Only the two files are needed: a run's workdir can be reduced to them (as under `results/`).
+"""
+
+import collections
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from typing import Any, Optional
+
+from absl import app
+from absl import flags
+import ml_collections
+
+from jaxlm import config as config_lib
+from jaxlm import models
+from jaxlm import paper
+from jaxlm.checkpoint import CONFIG_FILE, VOCAB_FILE
+from jaxlm.errors import UserError
+from jaxlm.metrics import METRICS_FILE, read_metrics
+
+REPORT_FILE = 'report.md'
+VOCAB_SIZES = {'ptb': 10000, 'wikitext2': 33278}  # where a reduced workdir has no vocab.txt
+LSTM_SIZE_NAMES = {200: 'small', 650: 'medium', 1500: 'large'}
+
+
+@dataclasses.dataclass
+class Run:
+  """One workdir's config and metrics, and what the report reads from them."""
+
+  name: str  # the workdir's path under the runs folder
+  config: ml_collections.ConfigDict
+  lines: list[dict[str, Any]]
+  vocab_size: Optional[int]
+
+  @functools.cached_property
+  def row(self) -> Optional[paper.PaperRow]:
+    return paper.match_row(self.config)
+
+  @property
+  def epochs(self) -> list[dict[str, Any]]:
+    """The epoch lines, one per epoch (a partial epoch's line is replaced by the full one)."""
+    by_epoch = {line['epoch']: line for line in self.lines if line['kind'] == 'epoch'}
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+  @property
+  def final(self) -> Optional[dict[str, Any]]:
+    """The `test` line of a finished run (the best parameters at test_batch_size), or None."""
+    tests = [line for line in self.lines if line['kind'] == 'test']
+    return tests[-1] if tests else None
+
+  @property
+  def epochs_done(self) -> int:
+    return sum(1 for line in self.epochs if line.get('complete', True))
+
+  @property
+  def train_seconds(self) -> float:
+    """Seconds spent in train steps (evaluations excluded), from each epoch's tokens/s."""
+    tokens_per_step = self.config.batch_size * self.config.bptt
+    seconds, previous_step = 0.0, 0
+    for line in self.epochs:
+      seconds += (line['step'] - previous_step) * tokens_per_step / line['tokens_per_sec']
+      previous_step = line['step']
+    return seconds
+
+  @property
+  def tokens_per_sec(self) -> Optional[float]:
+    if not self.epochs:
+      return None
+    tokens = self.epochs[-1]['step'] * self.config.batch_size * self.config.bptt
+    return tokens / self.train_seconds
+
+  @property
+  def machine(self) -> str:
+    starts = [line for line in self.lines if line['kind'] == 'start']
+    return starts[-1]['machine'] if starts else '—'
+
+  @functools.cached_property
+  def params(self) -> Optional[int]:
+    if self.vocab_size is None:
+      return None
+    return models.count_params(models.build_model(self.config, self.vocab_size))
+
+  @property
+  def group(self) -> str:
+    """The plot a run goes on: 'CORPUS_SIZE' for the LSTM rows' sizes, else 'CORPUS_CORE'."""
+    c = self.config
+    size = LSTM_SIZE_NAMES.get(c.model.hidden_size) if c.model.core == 'lstm' else None
+    return f'{c.data.corpus}_{size or c.model.core}'
+
+  @property
+  def label(self) -> str:
+    row = self.row
+    return f'{self.name} ({row.arg})' if row else self.name
+
+
+def find_runs(runs_dir: str) -> list[Run]:
+  """Every workdir under `runs_dir` (itself included) with a config.json and a metrics.jsonl."""
+  runs_dir = os.path.abspath(os.path.expanduser(runs_dir))
+  if not os.path.isdir(runs_dir):
+    raise UserError(f'--runs {runs_dir} is not a folder: give the folder that holds the workdirs')
+  runs = []
+  for folder, subfolders, files in os.walk(runs_dir):
+    subfolders[:] = sorted(d for d in subfolders if d not in ('checkpoints', 'tensorboard'))
+    if CONFIG_FILE in files and METRICS_FILE in files:
+      runs.append(load_run(folder, os.path.relpath(folder, runs_dir)))
+  return runs
+
+
+def load_run(workdir: str, name: str) -> Run:
+  """A workdir's run; its config.json read over the schema's defaults (`from_saved`)."""
+  with open(os.path.join(workdir, CONFIG_FILE), encoding='utf-8') as f:
+    config = config_lib.from_saved(json.load(f))
+  vocab_path = os.path.join(workdir, VOCAB_FILE)
+  if os.path.exists(vocab_path):
+    with open(vocab_path, encoding='utf-8') as f:
+      vocab_size = sum(1 for _ in f)
+  else:
+    vocab_size = VOCAB_SIZES.get(config.data.corpus)
+  return Run(name, config, read_metrics(workdir), vocab_size)
+
+
+def _ppl(value: Optional[float]) -> str:
+  return '—' if value is None else f'{value:.1f}'
+
+
+def _difference(ours: Optional[float], theirs: Optional[float]) -> str:
+  if ours is None or theirs is None:
+    return '—'
+  return f'{100 * (ours / theirs - 1):+.1f}%'
+
+
+def _duration(seconds: float) -> str:
+  hours, rest = divmod(int(seconds), 3600)
+  return f'{hours}h{rest // 60:02d}m'
+
+
+def table_row(run: Run) -> list[str]:
+  """The report's cells for one run."""
+  row, final, epochs = run.row, run.final, run.epochs
+  if final is not None:
+    valid, test, status = final.get('valid_ppl'), final.get('test_ppl'), 'done'
+  elif epochs:
+    valid, test = epochs[-1]['valid_ppl'], None
+    status = (f'in progress (epoch {epochs[-1]["epoch"]}; validation at batch'
+              f' {run.config.eval_batch_size})')
+  else:
+    valid, test, status = None, None, 'started'
+  params = run.params
+  tokens_per_sec = run.tokens_per_sec
+  return [
+      f'`{run.name}`', row.config_arg if row else '— (not a paper row)',
+      f'{_ppl(row and row.valid_ppl)} / {_ppl(row and row.test_ppl)}',
+      f'{_ppl(valid)} / {_ppl(test)}',
+      f'{_difference(valid, row and row.valid_ppl)} / {_difference(test, row and row.test_ppl)}',
+      '—' if params is None else f'{params / 1e6:.2f}M',
+      f'{run.epochs_done} / {run.config.num_epochs}', status,
+      _duration(run.train_seconds),
+      '—' if tokens_per_sec is None else f'{tokens_per_sec:,.0f}',
+      run.machine,
+  ]
+
+
+HEADER = ['run', 'paper row', 'paper val / test', 'ours val / test', 'difference',
+          'parameters', 'epochs', 'status', 'train time', 'tokens/s', 'machine']
+
+
+def markdown_table(runs: list[Run]) -> str:
+  lines = ['| ' + ' | '.join(HEADER) + ' |', '|' + '---|' * len(HEADER)]
+  lines += ['| ' + ' | '.join(table_row(run)) + ' |' for run in runs]
+  return '\n'.join(lines)
+
+
+def plot_groups(runs: list[Run], out_dir: str) -> list[str]:
+  """One PNG per group of runs (`Run.group`): validation perplexity per epoch; returns names."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.ticker  # pylint: disable=g-import-not-at-top
+    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise UserError("the report's plots need matplotlib: pip install -e '.[report]'") from None
+  groups = collections.defaultdict(list)
+  for run in runs:
+    if run.epochs:
+      groups[run.group].append(run)
+  names = []
+  for group, members in sorted(groups.items()):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, run in enumerate(members):
+      color = f'C{i}'
+      epochs = run.epochs
+      ax.plot([l['epoch'] for l in epochs], [l['valid_ppl'] for l in epochs], color=color,
+              marker='.', label=run.label)
+      if run.row:
+        ax.axhline(run.row.valid_ppl, color=color, linestyle='--', linewidth=0.8)
+    ax.set_yscale('log')
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ppls = [l['valid_ppl'] for run in members for l in run.epochs if math.isfinite(l['valid_ppl'])]
+    rows = [run.row.valid_ppl for run in members if run.row]
+    if ppls:
+      ax.set_ylim(0.95 * min(ppls + rows), min(max(ppls), 4 * max(rows or ppls)) * 1.05)
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('validation perplexity')
+    ax.set_title(f'{group}: ours (solid), the paper\'s final (dashed)')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    name = f'valid_{group}.png'
+    fig.savefig(os.path.join(out_dir, name), dpi=100)
+    plt.close(fig)
+    names.append(name)
+  return names
+
+
+def write_report(runs_dir: str, out_dir: str) -> str:
+  """Writes report.md and the plots for the runs under `runs_dir`; returns report.md's path."""
+  runs = find_runs(runs_dir)
+  if not runs:
+    raise UserError(f'no run under {runs_dir}: a run is a folder with {CONFIG_FILE} and'
+                    f' {METRICS_FILE}')
+  os.makedirs(out_dir, exist_ok=True)
+  plots = plot_groups(runs, out_dir)
+  text = ['# Results', '', markdown_table(runs), '',
+          'Ours: the best parameters (by validation) at batch 1, every token once; for a run in'
+          ' progress, its latest validation. Train time sums the train steps only.', '']
+  text += [f'![{name}]({name})' for name in plots]
+  path = os.path.join(out_dir, REPORT_FILE)
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write('\n'.join(text) + '\n')
+  return path
+
+
+_RUNS = flags.DEFINE_string('runs', None, 'The folder that holds the workdirs (any depth).')
+_OUT = flags.DEFINE_string('out', None, 'Where report.md and the plots go (default: --runs).')
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  try:
+    if _RUNS.value is None:
+      raise UserError('--runs=FOLDER is required: the folder that holds the workdirs')
+    print(write_report(_RUNS.value, _OUT.value or _RUNS.value))
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+if __name__ == '__main__':
+  app.run(main)

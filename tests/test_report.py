@@ -1,0 +1,115 @@
+"""The results report: runs found under a folder, matched to the paper's rows, tabulated and
+plotted; finished runs, runs in progress and workdirs written before the report existed."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import paper
+from jaxlm import report
+from jaxlm import train
+from tests.conftest import REPO
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def write_workdir(path, config, lines):
+  path.mkdir(parents=True)
+  (path / 'config.json').write_text(config.to_json())
+  (path / 'metrics.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """Two tiny runs trained to the end, one in progress, and a hand-written PTB small RE run."""
+  root = tmp_path_factory.mktemp('runs')
+  tfds_dir = tmp_path_factory.mktemp('tfds')
+  for name, variant in (('tiny_re', 're'), ('tiny_real', 'real')):
+    c = config_lib.tiny_config(variant)
+    c.data.tfds_dir = str(tfds_dir)
+    c.data.train_words = 1000  # 12 windows an epoch
+    c.num_epochs = 2
+    c.eval_max_tokens = 200
+    train.fit(c, str(root / name))
+  # In progress: the second run as it was before its final evaluation.
+  lines = (root / 'tiny_real' / 'metrics.jsonl').read_text().splitlines(keepends=True)
+  progress = root / 'more' / 'tiny_in_progress'
+  write_workdir(progress, config_lib.from_saved(json.loads(
+      (root / 'tiny_real' / 'config.json').read_text())),
+                [json.loads(l) for l in lines if json.loads(l)['kind'] != 'test'])
+  # PTB small RE in a workdir written before gamma existed: its config.json holds alpha only.
+  saved = json.loads(config_lib.lstm_config('ptb', 'small,re').to_json())
+  del saved['loss']['gamma']
+  old = root / 'ptb_small_re'
+  old.mkdir()
+  (old / 'config.json').write_text(json.dumps(saved))
+  epochs = [{'kind': 'epoch', 'step': 1327 * e, 'epoch': e, 'complete': True, 'lr': 1.0,
+             'train_ppl': 100.0, 'valid_ppl': 120.0 - e, 'tokens_per_sec': 700.0}
+            for e in (1, 2)]
+  final = {'kind': 'test', 'step': 2654, 'valid_ppl': 94.395, 'test_ppl': 80.845}
+  (old / 'metrics.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in epochs + [final]))
+  return root
+
+
+def cells(report_text, name):
+  line = next(l for l in report_text.splitlines() if l.startswith(f'| `{name}`'))
+  return dict(zip(report.HEADER, [c.strip() for c in line.strip('|').split('|')]))
+
+
+def test_report_table_compares_each_run_with_its_paper_row(runs, tmp_path):
+  path = report.write_report(str(runs), str(tmp_path))
+  text = open(path, encoding='utf-8').read()
+  ptb = cells(text, 'ptb_small_re')
+  assert ptb['paper row'] == 'configs/ptb_lstm.py:small,re'
+  assert ptb['paper val / test'] == '89.9 / 85.1'
+  assert ptb['ours val / test'] == '94.4 / 80.8'
+  assert ptb['difference'] == '+5.0% / -5.0%'  # 94.395 / 89.9 and 80.845 / 85.1
+  assert ptb['parameters'] == '2.64M'  # 10000 x 200 + 2 x 4 x 200 x 401
+  assert ptb['epochs'] == '2 / 39' and ptb['status'] == 'done'
+  assert ptb['train time'] == '0h44m'  # 2 x 1327 steps x 700 tokens at 700 tokens/s
+  assert ptb['tokens/s'] == '700' and ptb['machine'] == '—'
+  for name in ('tiny_re', 'tiny_real'):
+    tiny = cells(text, name)
+    assert tiny['paper row'].startswith('—') and tiny['status'] == 'done'
+    assert tiny['epochs'] == '2 / 2' and tiny['machine'].startswith('cpu')
+    final = [json.loads(l) for l in (runs / name / 'metrics.jsonl').read_text().splitlines()][-1]
+    assert tiny['ours val / test'] == f'{final["valid_ppl"]:.1f} / {final["test_ppl"]:.1f}'
+  progress = cells(text, 'more/tiny_in_progress')
+  assert progress['status'].startswith('in progress (epoch 2')
+  assert progress['ours val / test'].endswith('/ —')
+
+
+def test_report_plots_each_size_with_the_papers_numbers(runs, tmp_path):
+  report.write_report(str(runs), str(tmp_path))
+  text = (tmp_path / report.REPORT_FILE).read_text()
+  for name in ('valid_ptb_small.png', 'valid_tiny_lstm.png'):
+    assert f'![{name}]({name})' in text
+    assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_command_and_its_errors(runs, tmp_path):
+  done = subprocess.run([sys.executable, '-m', 'jaxlm.report', f'--runs={runs}',
+                         f'--out={tmp_path}'], cwd=REPO, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == str(tmp_path / report.REPORT_FILE)
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  failed = subprocess.run([sys.executable, '-m', 'jaxlm.report', f'--runs={empty}'], cwd=REPO,
+                          capture_output=True, text=True)
+  assert failed.returncode == 2
+  assert failed.stderr.strip().splitlines()[-1].startswith('error: no run under')
+
+
+def test_match_row_ignores_how_a_run_is_computed_but_not_its_recipe():
+  for row in paper.ROWS:
+    assert paper.match_row(row.config()) is row
+  c = config_lib.lstm_config('ptb', 'small,real')
+  c.seed, c.model.custom_vjp, c.num_epochs, c.data.dir = 3, False, 5, '/data'
+  assert paper.match_row(c).arg == 'small,real'
+  c.dropout.input = c.dropout.state = c.dropout.output = 0.5
+  assert paper.match_row(c) is None
+  assert paper.recipe_differences(c, paper.find_row('ptb', 'lstm', 'small,real')) == [
+      'dropout.input', 'dropout.output', 'dropout.state']
