@@ -10,12 +10,18 @@
 Re-running the same train command resumes from the workdir's latest checkpoint. The other
 modes read the workdir's config.json (or --config, when given), vocab.txt and its best
 (or --checkpoint=latest) parameters.
+
+Exit status: 0 done; 2 a mistake to fix (one `error:` line); 143 (SIGTERM) or 130 (SIGINT):
+training stopped after saving its state (one `stopped:` line), the same command resumes it;
+1 a bug (a traceback).
 """
 
 import contextlib
+import errno
 import logging as std_logging
 import os
 import re
+import signal
 import sys
 import traceback
 from typing import NoReturn, Optional
@@ -35,7 +41,7 @@ from jaxlm import config as config_lib
 from jaxlm import inference
 from jaxlm import sharding
 from jaxlm import train
-from jaxlm.errors import UserError
+from jaxlm.errors import Stopped, UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, optionally with an argument: configs/ptb_lstm.py:small,re.'
@@ -122,9 +128,30 @@ def fail(message: str) -> NoReturn:
   sys.exit(2)
 
 
+def config_keys_help() -> str:
+  """Every config key with the schema's default, for --helpfull."""
+  keys = config_lib.flat_dict(config_lib.base_config())
+  derived = {'loss.aug_weight': ' (derived: gamma * temperature; set loss.gamma)'}
+  lines = [f'  --config.{key}={value}{derived.get(key, "")}' for key, value in keys.items()]
+  return ('\nConfig keys, set with --config.KEY=VALUE (the defaults of jaxlm/config.py\'s'
+          ' base_config;\nthe recipes in configs/ change some; None: unset):\n'
+          + '\n'.join(lines) + '\n')
+
+
+def stop(message: str, status: int) -> NoReturn:
+  """Prints why the run stopped as one line and exits with `status`."""
+  logging.flush()
+  print(f'stopped: {message}', file=sys.stderr)
+  sys.exit(status)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing; command-line mistakes are reported by `fail`, anything else (an
   error in the code of a config file) keeps its traceback."""
+  if any(arg.lstrip('-') == 'helpfull' for arg in argv[1:]):
+    # absl prints the main module's docstring above the flags.
+    main_module = sys.modules['__main__']
+    main_module.__doc__ = (main_module.__doc__ or '') + config_keys_help()
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -187,10 +214,18 @@ def loaded_config() -> Optional[ml_collections.ConfigDict]:
                   ' ml_collections.ConfigDict')
 
 
-def _only_our_info(record: std_logging.LogRecord) -> bool:
-  """Keeps warnings and errors from everywhere, but info lines only from jaxlm and launch.py."""
-  return (record.levelno >= std_logging.WARNING
-          or os.path.abspath(record.pathname).startswith(_OUR_CODE))
+def _shown(record: std_logging.LogRecord) -> bool:
+  """Keeps warnings and errors from everywhere, but info lines only from jaxlm and launch.py;
+  and not orbax's reports (with tracebacks) of a save that failed on a full disk: training
+  reports that in one line."""
+  if record.levelno < std_logging.WARNING:
+    return os.path.abspath(record.pathname).startswith(_OUR_CODE)
+  if f'{os.sep}orbax{os.sep}' in record.pathname:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += ''.join(traceback.format_exception(record.exc_info[1]))
+    return not any(os.strerror(code) in text for code in (errno.ENOSPC, errno.EDQUOT))
+  return True
 
 
 def check_num_tokens(num_tokens: int) -> None:
@@ -270,7 +305,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   # On the handler, so that it also sees the records of other loggers (JAX's, at backend
   # start-up) that reach it through the root logger.
-  logging.get_absl_handler().addFilter(_only_our_info)
+  logging.get_absl_handler().addFilter(_shown)
   tfds.disable_progress_bar()
   try:
     if _DISTRIBUTED.value:  # before anything touches a device
@@ -295,6 +330,10 @@ def main(argv: list[str]) -> None:
       output = run(_MODE.value, config)
   except UserError as e:
     fail(str(e))
+  except Stopped as e:  # training saved its state and stopped on a signal
+    stop(str(e), e.exit_status)
+  except KeyboardInterrupt:  # before training took over the signals, or another mode
+    stop('SIGINT; nothing was saved', 128 + signal.SIGINT)
   print(output)
 
 

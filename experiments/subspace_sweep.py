@@ -23,7 +23,7 @@ from absl import logging
 from jaxlm import config as config_lib
 from jaxlm import metrics
 from jaxlm import train
-from jaxlm.errors import UserError
+from jaxlm.errors import Stopped, UserError
 
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # at tau = 10
 TAUS = (1.0, 2.0, 5.0, 10.0, 20.0)  # at beta = 1
@@ -127,6 +127,9 @@ def main(argv: list[str]) -> None:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     raise SystemExit(2) from None
+  except Stopped as e:  # SIGTERM or Ctrl-C: the run in progress is saved; re-run to go on
+    print(str(e), file=sys.stderr)
+    raise SystemExit(e.exit_status) from None
   write_table(results, os.path.join(out, 'subspace.md'))
   plot(results, os.path.join(out, 'subspace.png'))
   with open(os.path.join(out, 'subspace.json'), 'w', encoding='utf-8') as f:

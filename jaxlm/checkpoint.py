@@ -1,7 +1,8 @@
 """Checkpoints in a workdir: the latest train state (to resume) and the best parameters.
 
-Layout: `WORKDIR/vocab.txt`, `WORKDIR/config.json`, `WORKDIR/checkpoints/latest/STEP` (train state + JSON meta:
-epoch, next window, model shape, ...) and `WORKDIR/checkpoints/best/STEP` (parameters + meta).
+Layout: `WORKDIR/vocab.txt`, `WORKDIR/config.json`, `WORKDIR/checkpoints/latest/STEP` (train
+state + JSON meta: the model shape and what the state's step does not give, see
+`train.Progress`) and `WORKDIR/checkpoints/best/STEP` (parameters + meta).
 Two managers, since one manager with `best_fn` and `max_to_keep=1` would delete the latest
 state (JAX_NOTES.md).
 
@@ -109,9 +110,9 @@ def load_workdir_vocab(workdir: str) -> Vocabulary:
 # Keys a resumed run may change: they extend or stop it, or say how it is computed, logged and
 # evaluated, not what it trains. Any other difference is refused (`check_resumed_config`).
 RESUMABLE_KEYS = frozenset({
-    'num_epochs', 'max_steps', 'log_every', 'checkpoint_every', 'eval_batch_size',
-    'test_batch_size', 'eval_max_tokens', 'mc_samples', 'mc_max_ppl', 'mc_batch',
-    'mc_embed_masks', 'mesh.data', 'data.dir', 'data.tfds_dir', 'model.unroll',
+    'num_epochs', 'max_steps', 'log_every', 'checkpoint_every', 'checkpoint_every_secs',
+    'eval_batch_size', 'test_batch_size', 'eval_max_tokens', 'mc_samples', 'mc_max_ppl',
+    'mc_batch', 'mc_embed_masks', 'mesh.data', 'data.dir', 'data.tfds_dir', 'model.unroll',
     'model.micro_scan', 'model.custom_vjp', 'model.matmul_precision', 'loss.fused',
 })
 
@@ -180,10 +181,31 @@ class Checkpointer:
     self._latest = ocp.CheckpointManager(
         os.path.join(root, 'latest'), options=options(keep_latest, 'latest'))
     self._best = ocp.CheckpointManager(os.path.join(root, 'best'), options=options(1, 'best'))
+    for manager in (self._latest, self._best):
+      # Training decides when a preemption saves (train._StopSignals), asking JAX's sync point
+      # once a step from the main thread. Orbax's own asks (in its save, and in the thread that
+      # finalizes a save, with that save's older step) would report a step JAX's agreement
+      # could then settle below, and log it.
+      manager.reached_preemption = lambda step: False
     self._unreadable: dict[str, list[int]] = {}  # manager folder -> steps a restore skipped
 
   def latest_step(self) -> Optional[int]:
     return self._latest.latest_step()
+
+  def latest_dir(self, step: int) -> str:
+    """The folder of latest step `step`."""
+    return _step_dir(self._latest, step)
+
+  def saved_latest_step(self) -> Optional[int]:
+    """The newest latest step complete on disk (read from the folder: after a failed save,
+    orbax's own list may name the step that failed)."""
+    steps = [int(n) for n in os.listdir(self._latest.directory) if n.isdigit()]
+    return max(steps, default=None)
+
+  def check_errors(self) -> None:
+    """Raises the error of an asynchronous save that failed since the last call, if any."""
+    self._latest.check_for_errors()
+    self._best.check_for_errors()
 
   def save_latest(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     self._drop_unreadable(self._latest)

@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_steps = config_dict.placeholder(int)  # stop after this many global train steps
   c.log_every = 100  # steps between `train` lines in metrics.jsonl
   c.checkpoint_every = 500  # steps between saves of the latest state (and at every epoch end)
+  # Also save the latest state when this many seconds passed since the last save (checked
+  # every log_every steps); 0: only checkpoint_every.
+  c.checkpoint_every_secs = 600
   # Monte-Carlo dropout evaluation (PAPER.md): each target's probability averaged over
   # `mc_samples` passes with masks drawn once per pass; 0: off. Reported as SPLIT_mc_ppl.
   c.mc_samples = 0
@@ -323,6 +326,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
               'checkpoint_every'):
     _check(c[key] > 0, f'config.{key} must be > 0, got {c[key]}')
   _check(c.num_epochs >= 0, f'config.num_epochs must be >= 0, got {c.num_epochs}')
+  _check(c.checkpoint_every_secs >= 0, 'config.checkpoint_every_secs must be >= 0 (0: saves'
+         f' every checkpoint_every steps only), got {c.checkpoint_every_secs}')
   for key in ('max_steps', 'eval_max_tokens'):
     _check(c[key] is None or c[key] > 0, f'config.{key} must be > 0 (or unset), got {c[key]}')
   _check(c.mc_samples >= 0, f'config.mc_samples must be >= 0 (0: no MC evaluation), got'

@@ -16,12 +16,19 @@ METRICS_FILE = 'metrics.jsonl'
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """Every line of a workdir's metrics.jsonl, parsed."""
+  """Every line of a workdir's metrics.jsonl, parsed; a last line cut short (a full disk in
+  the middle of its write) is left out."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
   with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+    *lines, last = f.read().split('\n')
+  parsed = [json.loads(line) for line in lines if line.strip()]
+  try:
+    parsed += [json.loads(last)] if last.strip() else []
+  except ValueError:
+    pass
+  return parsed
 
 
 def _json_value(value: Any) -> Any:

@@ -69,8 +69,8 @@ ROWS = (
 # Keys that say how a run is computed, logged or stopped, not what it trains: a run whose
 # config equals a row's in every other key is that row.
 NOT_RECIPE_KEYS = frozenset({
-    'seed', 'num_epochs', 'max_steps', 'log_every', 'checkpoint_every', 'eval_batch_size',
-    'eval_max_tokens', 'mc_samples', 'mc_max_ppl', 'mc_batch', 'mc_embed_masks', 'mesh.data',
+    'seed', 'num_epochs', 'max_steps', 'log_every', 'checkpoint_every', 'checkpoint_every_secs',
+    'eval_batch_size', 'eval_max_tokens', 'mc_samples', 'mc_max_ppl', 'mc_batch', 'mc_embed_masks', 'mesh.data',
     'data.dir', 'data.tfds_dir', 'model.unroll', 'model.micro_scan', 'model.custom_vjp',
     'model.compute_dtype', 'model.matmul_precision', 'loss.fused',
 })

@@ -6,12 +6,16 @@ Every array has the batch axis first, so spreading the step over devices is a ma
 shardings (nothing per-device happens in Python).
 """
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import math
 import os
+import signal
+import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 from absl import logging
 import flax
@@ -32,7 +36,7 @@ from jaxlm import sharding
 from jaxlm import subspace
 from jaxlm.checkpoint import Checkpointer, abstract, check_resumed_config, check_writable_workdir
 from jaxlm.checkpoint import model_signature, save_config, save_or_check_vocab
-from jaxlm.errors import UserError
+from jaxlm.errors import Stopped, UserError
 from jaxlm.metrics import MetricsWriter
 
 @flax.struct.dataclass
@@ -44,6 +48,9 @@ class TrainState:
   opt_state: Any
   carry: Any  # recurrent state carried to the next window, [batch, ...] leaves
   key: jax.Array  # base dropout key; step t uses fold_in(key, t)
+
+
+_now = time.monotonic  # the clock of the time-based saves (replaced in tests)
 
 
 class TrainingDiverged(UserError):
@@ -211,14 +218,28 @@ def make_train_step(
 
 @dataclasses.dataclass
 class Progress:
-  """Where training stands; saved as the JSON meta of the latest checkpoint."""
+  """What the latest checkpoint keeps beside the train state: what its step cannot give.
 
-  epoch: int = 0  # 0-based index of the epoch in progress
-  window: int = 0  # next window of that epoch
+  The position in the data is the step's: epoch index and window `divmod(step,
+  steps_per_epoch)`. A checkpoint at an epoch's last step is always saved after that epoch's
+  validation, so it resumes with the next epoch.
+  """
+
   best_valid_ppl: float = math.inf
-  epoch_ce_sum: float = 0.0  # running sums of the epoch in progress, for train_ppl
-  epoch_tokens: int = 0
+  epoch_ce_sum: float = 0.0  # CE summed over the steps done in the epoch in progress
+  interval_ce_sum: float = 0.0  # and over those since the last `train` line (its train_ppl)
+  interval_steps: int = 0
 
+  @classmethod
+  def from_meta(cls, meta: dict[str, Any], step: int, steps_per_epoch: int) -> 'Progress':
+    """From a checkpoint's meta. That of jaxlm before 2026-11-26 also held the position
+    (`epoch`, `window`) and `epoch_tokens`, which the step gives: checked, then dropped."""
+    saved = meta['progress']
+    if 'window' in saved and (saved['epoch'], saved['window']) != divmod(step, steps_per_epoch):
+      logging.warning('the checkpoint of step %d says epoch index %d, window %d; the step says'
+                      ' %s: resuming at the step\'s', step, saved['epoch'], saved['window'],
+                      divmod(step, steps_per_epoch))
+    return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
 def machine_description() -> str:
   """What the run computes on, e.g. 'cpu: AMD EPYC 7B13 (2 cores)' or '8 x TPU v4'."""
@@ -253,16 +274,81 @@ def load_corpus(config: ml_collections.ConfigDict) -> data_lib.Corpus:
   return corpus or load()
 
 
-def fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def fit(config: ml_collections.ConfigDict, workdir: str,
+        handle_signals: bool = True) -> dict[str, float]:
   """Trains (or resumes) in `workdir`, then evaluates the best parameters.
 
-  Returns the final metrics: valid_ppl, test_ppl (at `test_batch_size`), step.
+  Returns the final metrics: valid_ppl, test_ppl (at `test_batch_size`), step. With
+  `handle_signals` (in the main thread), a SIGTERM or SIGINT makes training save the state at
+  the next step (every process the same) and raise `Stopped`.
   """
-  with jax.default_matmul_precision(config.model.matmul_precision):
-    return _fit(config, workdir)
+  with jax.default_matmul_precision(config.model.matmul_precision), \
+      _StopSignals(handle_signals) as signals:
+    return _fit(config, workdir, signals)
 
 
-def _fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def _fit(config: ml_collections.ConfigDict, workdir: str,
+         signals: '_StopSignals') -> dict[str, float]:
+  run, state = _setup(config, workdir, signals)
+  failed = True
+  try:
+    state, progress, resumed = _restore(run, state)
+    step = int(state.step)
+    run.writer = MetricsWriter(run.workdir, resume_step=step if resumed else None,
+                               enabled=jax.process_index() == 0)
+    run.writer.write('start', step, machine=machine_description(),
+                     processes=jax.process_count(), jax_version=jax.__version__)
+    clock = _Clock()
+    while step < run.total_steps and not signals.reached(step):
+      state, progress, step = _train_epoch(run, state, progress, step, clock)
+    if signals.reached(step):
+      _stop(run, state, progress, step)
+    run.checkpointer.wait()
+    with signals.stopping_at_once(
+        f'during the final evaluation; training ended at step {step}, saved in'
+        f' {run.checkpointer.latest_dir(step)}: run the same command to evaluate'):
+      result = _final_evaluation(run, state, step)
+    failed = False
+    return result
+  except Exception as e:  # pylint: disable=broad-except
+    _raise_if_disk_full(run, e)
+    raise
+  finally:
+    _close(run, failed)
+
+
+@dataclasses.dataclass
+class _Run:
+  """What stays fixed while `fit` trains."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  model: models.LanguageModel
+  signature: dict[str, Any]
+  corpus: data_lib.Corpus
+  mesh: Mesh
+  streams: np.ndarray  # this process's rows of the train streams
+  steps_per_epoch: int
+  total_steps: int
+  train_step: Callable
+  eval_step: Callable
+  valid_windows: Any
+  put_window: Callable  # host window -> global arrays on the mesh
+  initial_carry: Callable  # () -> the zero carry, on the mesh
+  checkpointer: Checkpointer
+  signals: '_StopSignals'
+  writer: Optional[MetricsWriter] = None
+  last_save: float = dataclasses.field(default_factory=lambda: _now())  # of the latest state
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.config.batch_size * self.config.bptt
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str,
+           signals: '_StopSignals') -> tuple[_Run, TrainState]:
+  """Checks the config and the workdir, writes config.json and vocab.txt, builds the model,
+  the steps and the initial state."""
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
   check_writable_workdir(workdir)
@@ -274,180 +360,385 @@ def _fit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   save_or_check_vocab(corpus.vocab, workdir)
   save_config(config, workdir)
   model = models.build_model(config, len(corpus.vocab))
-  signature = model_signature(config.model, len(corpus.vocab))
+  streams, steps_per_epoch, max_distinct = _train_streams(config, corpus, mesh)
+  tx = make_optimizer(config.optim, steps_per_epoch)
+  state, shardings = setup_train_state(config, model, tx, mesh)
+  total_steps = config.num_epochs * steps_per_epoch
+  if config.max_steps is not None:
+    total_steps = min(total_steps, config.max_steps)
+  logging.info('model: %s parameters; %d devices on the data axis, %d process(es)',
+               f'{models.count_params(model):,}', mesh.size, jax.process_count())
+  batch = sharding.batch_sharding(mesh)
+  run = _Run(
+      config=config, workdir=workdir, model=model,
+      signature=model_signature(config.model, len(corpus.vocab)), corpus=corpus, mesh=mesh,
+      streams=streams, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+      train_step=make_train_step(model, tx, config, mesh, shardings, max_distinct),
+      eval_step=evaluation.make_eval_step(model),
+      valid_windows=data_lib.eval_windows(corpus.splits['valid'], config.eval_batch_size,
+                                          config.bptt, config.eval_max_tokens),
+      put_window=lambda window: sharding.put_batch(window, batch, config.batch_size),
+      initial_carry=jax.jit(lambda: model.initial_carry(config.batch_size),
+                            out_shardings=shardings.carry),
+      checkpointer=Checkpointer(workdir), signals=signals)
+  return run, state
 
-  rows = sharding.process_rows(sharding.batch_sharding(mesh), config.batch_size)
-  train_ids = corpus.splits['train']
+
+def _train_streams(config: ml_collections.ConfigDict, corpus: data_lib.Corpus,
+                   mesh: Mesh) -> tuple[np.ndarray, int, int]:
+  """This process's rows of the train streams, the windows per epoch, and the most distinct
+  targets in a window (over all rows)."""
+  ids = corpus.splits['train']
   if config.data.train_words is not None:
-    train_ids = data_lib.contiguous_run(train_ids, config.data.train_words, config.seed)
-  streams = data_lib.train_streams(train_ids, config.batch_size)
+    ids = data_lib.contiguous_run(ids, config.data.train_words, config.seed)
+  streams = data_lib.train_streams(ids, config.batch_size)
   steps_per_epoch = data_lib.num_train_windows(streams, config.bptt)
   if steps_per_epoch < 1:
     raise UserError(
         f'the train split ({streams.size} tokens) is too short for batch_size'
         f' {config.batch_size} x bptt {config.bptt}: lower them'
     )
-  max_distinct = data_lib.max_distinct_targets(streams, config.bptt)  # over all rows
-  streams = streams[rows]  # this process's rows only
-  tx = make_optimizer(config.optim, steps_per_epoch)
-  state, shardings = setup_train_state(config, model, tx, mesh)
-  initial_carry = jax.jit(lambda: model.initial_carry(config.batch_size),
-                          out_shardings=shardings.carry)
-  put_window = lambda window: sharding.put_batch(
-      window, sharding.batch_sharding(mesh), config.batch_size)
-  logging.info('model: %s parameters; %d devices on the data axis, %d process(es)',
-               f'{models.count_params(model):,}', mesh.size, jax.process_count())
+  rows = sharding.process_rows(sharding.batch_sharding(mesh), config.batch_size)
+  return streams[rows], steps_per_epoch, data_lib.max_distinct_targets(streams, config.bptt)
 
-  checkpointer = Checkpointer(workdir)
-  progress = Progress()
-  restored = checkpointer.restore_latest(abstract(state), signature)
-  if restored is not None:
-    state, meta = restored
-    progress = Progress(**meta['progress'])
-    logging.info('resumed from step %d (epoch %d, window %d)', int(state.step),
-                 progress.epoch + 1, progress.window)
+
+def _restore(run: _Run, state: TrainState) -> tuple[TrainState, Progress, bool]:
+  """The latest readable checkpoint's state and progress, or the initial ones; and whether
+  it was a resume."""
+  restored = run.checkpointer.restore_latest(abstract(state), run.signature)
+  if restored is None:
+    return state, Progress(), False
+  state, meta = restored
   step = int(state.step)
-  writer = MetricsWriter(workdir, resume_step=step if restored else None,
-                         enabled=jax.process_index() == 0)
-  writer.write('start', step, machine=machine_description(), processes=jax.process_count(),
-               jax_version=jax.__version__)
+  progress = Progress.from_meta(meta, step, run.steps_per_epoch)
+  epoch, window = divmod(step, run.steps_per_epoch)
+  logging.info('resumed from step %d (epoch %d, window %d)', step, epoch + 1, window)
+  return state, progress, True
 
-  def save_latest():
-    meta = {'signature': signature, 'progress': dataclasses.asdict(progress)}
-    checkpointer.save_latest(step, state, meta)
 
-  train_step = make_train_step(model, tx, config, mesh, shardings, max_distinct)
-  eval_step = evaluation.make_eval_step(model)
-  valid_windows = data_lib.eval_windows(
-      corpus.splits['valid'], config.eval_batch_size, config.bptt, config.eval_max_tokens
-  )
-  total_steps = config.num_epochs * steps_per_epoch
-  if config.max_steps is not None:
-    total_steps = min(total_steps, config.max_steps)
-  tokens_per_step = config.batch_size * config.bptt
+def _train_epoch(run: _Run, state: TrainState, progress: Progress, step: int,
+                 clock: '_Clock') -> tuple[TrainState, Progress, int]:
+  """Trains from `step` to the end of its epoch (or of the run), then validates and saves;
+  stops early, saved, at a step where every process agreed to stop on a signal."""
+  epoch_end = min((step // run.steps_per_epoch + 1) * run.steps_per_epoch, run.total_steps)
+  if step % run.steps_per_epoch == 0:
+    state = state.replace(carry=run.initial_carry())
+  state, step = _train_steps(run, state, progress, step, epoch_end, clock)
+  if step == epoch_end:
+    progress = _end_epoch(run, state, progress, step, clock)
+  return state, progress, step
 
-  try:
-    while step < total_steps:
-      epoch = progress.epoch + 1
-      if progress.window == 0:
-        state = state.replace(carry=initial_carry())
-      log = _IntervalLog(writer, epoch, total_steps, tokens_per_step, config.log_every)
-      epoch_start_step = step
 
-      def record(done_step: int, metrics: dict[str, jax.Array]) -> None:
-        """Host-side bookkeeping of step `done_step`, read one step after its dispatch."""
-        metrics = jax.device_get(metrics)
-        if not np.isfinite(metrics['loss']):
-          last = checkpointer.latest_step()
-          kept = 'no checkpoint was saved yet' if last is None else (
-              f'the last good checkpoint (step {last}) is kept in {workdir}')
-          raise TrainingDiverged(
-              f'the loss became {metrics["loss"]} at step {done_step} (epoch {epoch}); {kept}:'
-              ' lower optim.learning_rate or optim.clip_norm and use a new --workdir'
-          )
-        progress.epoch_ce_sum += float(metrics['ce_sum'])
-        progress.epoch_tokens += tokens_per_step
-        log.add(done_step, metrics)
+def _train_steps(run: _Run, state: TrainState, progress: Progress, step: int, end: int,
+                 clock: '_Clock') -> tuple[TrainState, int]:
+  """Steps `step + 1` to `end`, saving on the way (not at `end`: after its validation).
 
-      # Step t is dispatched before step t-1's metrics are read, so the host prepares the
-      # next window while the device works. Pending metrics are read before every save, so a
-      # non-finite loss never reaches a checkpoint.
+  Step t is dispatched before step t-1's metrics are read, so the host prepares the next
+  window while the device works. The pending metrics are read before every save, so a
+  non-finite loss never reaches a checkpoint.
+  """
+  pending = None
+  while step < end:
+    window = data_lib.train_window(run.streams, step % run.steps_per_epoch, run.config.bptt)
+    state, metrics = run.train_step(state, *run.put_window(window))
+    step += 1
+    if pending is not None:
+      _record(run, progress, clock, *pending)
+    pending = (step, metrics)
+    stop = run.signals.reached(step)
+    if step < end and (stop or _save_due(run, step)):
+      _record(run, progress, clock, *pending)
       pending = None
-      while progress.window < steps_per_epoch and step < total_steps:
-        window = data_lib.train_window(streams, progress.window, config.bptt)
-        state, metrics = train_step(state, *put_window(window))
-        step += 1
-        progress.window += 1
-        if pending is not None:
-          record(*pending)
-        pending = (step, metrics)
-        # Epoch ends and the last step save after the validation, below.
-        if (step % config.checkpoint_every == 0 and progress.window < steps_per_epoch
-            and step < total_steps):
-          record(*pending)
-          pending = None
-          save_latest()
-      if pending is not None:
-        record(*pending)
-      train_seconds = log.close()
+      _save_latest(run, step, state, progress)
+      if stop:
+        break
+  if pending is not None:
+    _record(run, progress, clock, *pending)
+  return state, step
 
-      valid_ppl = evaluation.evaluate(model, eval_step, state.params, valid_windows,
-                                      sharding.placer(mesh, config.eval_batch_size))
-      epoch_done = progress.window == steps_per_epoch
-      writer.write(
-          'epoch', step, epoch=epoch, complete=epoch_done,
-          lr=epoch_learning_rate(config.optim, epoch),
-          train_ppl=perplexity(progress.epoch_ce_sum / max(progress.epoch_tokens, 1)),
-          valid_ppl=valid_ppl,
-          tokens_per_sec=(step - epoch_start_step) * tokens_per_step / max(train_seconds, 1e-9),
-          **subspace_metrics(state.params),
-      )
-      logging.info('epoch %d%s: valid ppl %.2f', epoch, '' if epoch_done else ' (partial)',
-                   valid_ppl)
-      if valid_ppl < progress.best_valid_ppl:
-        progress.best_valid_ppl = valid_ppl
-        checkpointer.save_best(step, state.params, {
-            'signature': signature, 'epoch': epoch, 'step': step, 'valid_ppl': valid_ppl})
-      if epoch_done:
-        progress = Progress(epoch=progress.epoch + 1, best_valid_ppl=progress.best_valid_ppl)
-      save_latest()
 
-    checkpointer.wait()
+def _record(run: _Run, progress: Progress, clock: '_Clock', step: int,
+            metrics: dict[str, jax.Array]) -> None:
+  """Host-side bookkeeping of step `step`, read one step after its dispatch."""
+  metrics = jax.device_get(metrics)
+  clock.tick()
+  if not np.isfinite(metrics['loss']):
+    last = run.checkpointer.latest_step()
+    kept = 'no checkpoint was saved yet' if last is None else (
+        f'the last good checkpoint (step {last}) is kept in {run.workdir}')
+    raise TrainingDiverged(
+        f'the loss became {metrics["loss"]} at step {step} (epoch'
+        f' {(step - 1) // run.steps_per_epoch + 1}); {kept}: lower optim.learning_rate or'
+        ' optim.clip_norm and use a new --workdir'
+    )
+  ce = float(metrics['ce_sum'])
+  progress.epoch_ce_sum += ce
+  progress.interval_ce_sum += ce
+  progress.interval_steps += 1
+  if step % run.config.log_every == 0 or step == run.total_steps:
+    _write_train_line(run, progress, clock, step, metrics)
+
+
+def _write_train_line(run: _Run, progress: Progress, clock: '_Clock', step: int,
+                      metrics: dict[str, Any]) -> None:
+  """The `train` line of step `step`: its loss, the train perplexity since the last line,
+  the speed and the ETA (from the run's second step on: the first one compiles)."""
+  tokens = run.tokens_per_step
+  train_ppl = perplexity(progress.interval_ce_sum / (progress.interval_steps * tokens))
+  run_seconds = clock.run.seconds_per_step()
+  seconds = clock.interval.seconds_per_step() or run_seconds  # the run's after a validation
+  speed = {} if seconds is None else {'tokens_per_sec': tokens / seconds}
+  run.writer.write('train', step, epoch=(step - 1) // run.steps_per_epoch + 1,
+                   loss=metrics['loss'], train_ppl=train_ppl, kl=metrics['kl_sum'] / tokens,
+                   grad_norm=metrics['grad_norm'], **speed)
+  eta = ('speed and ETA from the next line on' if seconds is None else
+         f'{tokens / seconds:.0f} tokens/s, ETA'
+         f' {_format_duration((run.total_steps - step) * run_seconds)}')
+  logging.info('step %d/%d epoch %d: loss %.3f train ppl %.2f, %s', step, run.total_steps,
+               (step - 1) // run.steps_per_epoch + 1, metrics['loss'], train_ppl, eta)
+  progress.interval_ce_sum, progress.interval_steps = 0.0, 0
+  clock.interval = _Tally()
+  run.checkpointer.check_errors()  # a failed asynchronous save shows within log_every steps
+
+
+def _end_epoch(run: _Run, state: TrainState, progress: Progress, step: int,
+               clock: '_Clock') -> Progress:
+  """At an epoch's end (or the run's, mid-epoch): validation, the epoch line, the best
+  parameters when better, then the latest state. Returns the progress to go on with."""
+  epoch, window = divmod(step, run.steps_per_epoch)
+  complete = window == 0
+  number, steps_done = (epoch, run.steps_per_epoch) if complete else (epoch + 1, window)
+  seconds = clock.epoch.seconds_per_step(untimed_too=True)
+  valid_ppl = evaluation.evaluate(run.model, run.eval_step, state.params, run.valid_windows,
+                                  sharding.placer(run.mesh, run.config.eval_batch_size))
+  run.writer.write(
+      'epoch', step, epoch=number, complete=complete,
+      lr=epoch_learning_rate(run.config.optim, number),
+      train_ppl=perplexity(progress.epoch_ce_sum / (steps_done * run.tokens_per_step)),
+      valid_ppl=valid_ppl, tokens_per_sec=run.tokens_per_step / seconds,
+      **subspace_metrics(state.params),
+  )
+  logging.info('epoch %d%s: valid ppl %.2f', number, '' if complete else ' (partial)',
+               valid_ppl)
+  if valid_ppl < progress.best_valid_ppl:
+    progress.best_valid_ppl = valid_ppl
+    run.checkpointer.save_best(step, state.params, {
+        'signature': run.signature, 'epoch': number, 'step': step, 'valid_ppl': valid_ppl})
+  if complete:
+    progress = Progress(best_valid_ppl=progress.best_valid_ppl)
+    clock.epoch = clock.interval = _Tally()
+  _save_latest(run, step, state, progress)
+  clock.pause()  # the next step's time would include the validation
+  return progress
+
+
+def _save_due(run: _Run, step: int) -> bool:
+  """Whether to save the latest state after step `step`: every `checkpoint_every` steps, and
+  at the first `train` line `checkpoint_every_secs` after the last save (process 0's clock
+  decides for every process)."""
+  config = run.config
+  if step % config.checkpoint_every == 0:
+    return True
+  if not config.checkpoint_every_secs or step % config.log_every:
+    return False
+  due = _now() - run.last_save >= config.checkpoint_every_secs
+  if jax.process_count() > 1:
+    due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+  return due
+
+
+def _save_latest(run: _Run, step: int, state: TrainState, progress: Progress) -> None:
+  run.checkpointer.save_latest(
+      step, state, {'signature': run.signature, 'progress': dataclasses.asdict(progress)})
+  run.last_save = _now()
+
+
+def _stop(run: _Run, state: TrainState, progress: Progress, step: int) -> NoReturn:
+  """Saves the state of `step` (unless it is saved) and raises Stopped."""
+  if run.checkpointer.latest_step() != step:
+    _save_latest(run, step, state, progress)
+  run.checkpointer.wait()
+  raise Stopped(f'{run.signals.name} at step {step}: the train state is saved in'
+                f' {run.checkpointer.latest_dir(step)}; run the same command to resume',
+                run.signals.exit_status)
+
+
+def _final_evaluation(run: _Run, state: TrainState, step: int) -> dict[str, float]:
+  """The best parameters (the last ones when no best checkpoint reads back) on the validation
+  and test sets at `test_batch_size`; the `test` line."""
+  try:
+    best = run.checkpointer.restore_best(abstract(state.params), run.signature)
+  except UserError as e:  # no readable best checkpoint
+    logging.warning('%s; evaluating the last parameters instead', e)
+    best = None
+  params = state.params if best is None else best[0]
+  place = sharding.placer(run.mesh, run.config.test_batch_size)
+  final = evaluation.split_perplexities(run.config, run.model, run.eval_step, params,
+                                        run.corpus, place=place)
+  final.update(subspace_metrics(params))
+  run.writer.write('test', step, **final)
+  logging.info('best parameters: valid ppl %.2f, test ppl %.2f (batch %d)',
+               final['valid_ppl'], final['test_ppl'], run.config.test_batch_size)
+  return {**final, 'step': step}
+
+
+def _raise_if_disk_full(run: _Run, error: Exception) -> None:
+  """A UserError in place of `error` when it (or its cause) is a full disk or quota: orbax
+  and TensorStore raise their own types, with the OS's message inside."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    text = f'{error} {getattr(error, "strerror", "")}'
+    why = next((os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT)
+                if getattr(error, 'errno', None) == code or os.strerror(code) in text), None)
+    if why is not None:
+      last = run.checkpointer.saved_latest_step()
+      resume = 'from step 0' if last is None else f'from step {last}, its last complete save'
+      raise UserError(f'writing in {run.workdir} failed: {why}: free space on that disk, then'
+                      f' run the same command; it resumes {resume}') from None
+    error = error.__cause__ or error.__context__
+
+
+def _close(run: _Run, failed: bool) -> None:
+  """Waits for the saves in flight, then closes the checkpoints and the metrics. After a
+  failure, their errors (the same failure again, mostly) are not raised over it."""
+  for close in (run.checkpointer.wait, run.checkpointer.close,
+                run.writer.close if run.writer else None):
     try:
-      best = checkpointer.restore_best(abstract(state.params), signature)
-    except UserError as e:  # no readable best checkpoint
-      logging.warning('%s; evaluating the last parameters instead', e)
-      best = None
-    params = state.params if best is None else best[0]
-    final = evaluation.split_perplexities(config, model, eval_step, params, corpus,
-                                          place=sharding.placer(mesh, config.test_batch_size))
-    final.update(subspace_metrics(params))
-    writer.write('test', step, **final)
-    logging.info('best parameters: valid ppl %.2f, test ppl %.2f (batch %d)',
-                 final['valid_ppl'], final['test_ppl'], config.test_batch_size)
-    return {**final, 'step': step}
-  finally:
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+      if close is not None:
+        close()
+    except Exception:  # pylint: disable=broad-except
+      if not failed:
+        raise
 
 
-class _IntervalLog:
-  """The `train` lines of one epoch: loss, train perplexity and throughput every `log_every`
-  steps (and at the last step), with the training time summed for the epoch line."""
+@dataclasses.dataclass
+class _Tally:
+  """Train steps and their seconds: those timed, and those that were not (see `_Clock`)."""
 
-  def __init__(self, writer: MetricsWriter, epoch: int, total_steps: int, tokens_per_step: int,
-               log_every: int):
-    self._writer, self._epoch, self._total_steps = writer, epoch, total_steps
-    self._tokens_per_step, self._log_every = tokens_per_step, log_every
-    self._train_seconds = 0.0
-    self._restart()
+  seconds: float = 0.0
+  steps: int = 0
+  untimed_seconds: float = 0.0
+  untimed_steps: int = 0
 
-  def _restart(self) -> None:
-    self._start, self._ce_sum, self._steps = time.perf_counter(), 0.0, 0
+  def add(self, seconds: float, timed: bool) -> None:
+    if timed:
+      self.seconds, self.steps = self.seconds + seconds, self.steps + 1
+    else:
+      self.untimed_seconds += seconds
+      self.untimed_steps += 1
 
-  def add(self, step: int, metrics: dict[str, Any]) -> None:
-    """Counts step `step`'s host metrics; writes a line at the end of an interval."""
-    self._ce_sum += float(metrics['ce_sum'])
-    self._steps += 1
-    if step % self._log_every and step != self._total_steps:
+  def seconds_per_step(self, untimed_too: bool = False) -> Optional[float]:
+    """Over the timed steps; with `untimed_too`, over all steps when none was timed."""
+    if self.steps:
+      return self.seconds / self.steps
+    if untimed_too and self.untimed_steps:
+      return max(self.untimed_seconds, 1e-9) / self.untimed_steps
+    return None
+
+
+class _Clock:
+  """The time of each train step, for the speed and the ETA: from the host reading the
+  previous step's metrics to reading its own. The first step of a run (its time includes
+  compiling) and the first after a validation are not timed."""
+
+  def __init__(self):
+    # Since the last train line; in this epoch; in this run (for the ETA).
+    self.interval, self.epoch, self.run = _Tally(), _Tally(), _Tally()
+    self._last: Optional[float] = None  # when the last step was read; None: not timed
+    self._since = time.perf_counter()
+
+  def tick(self) -> None:
+    """A step was read."""
+    now = time.perf_counter()
+    timed = self._last is not None
+    seconds = now - (self._last if timed else self._since)
+    for tally in (self.interval, self.epoch, self.run):
+      tally.add(seconds, timed)
+    self._last = now
+
+  def pause(self) -> None:
+    """Something other than training ran since the last step."""
+    self._last, self._since = None, time.perf_counter()
+
+
+class _StopSignals:
+  """SIGTERM and SIGINT while `fit` runs: noted, and acted on at a step every process agrees
+  on (`reached`), where training saves and raises Stopped; during the final evaluation
+  (training is saved) at once, on one process.
+
+  One process: Python handlers, and the step after the signal. Several processes (after
+  `jax.distributed.initialize`, which installs JAX's own SIGTERM handler): JAX's preemption
+  service agrees on the step after the furthest process's; a SIGINT is turned into a SIGTERM
+  to this process, so it takes the same way. The handlers are restored on exit.
+  """
+
+  def __init__(self, enabled: bool = True):
+    self.received: Optional[int] = None  # the first signal's number
+    self._enabled = enabled and threading.current_thread() is threading.main_thread()
+    self._jax_service = False
+    self._stopping = False
+    self._at_once: Optional[str] = None  # set: raise Stopped from the handler, with this
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> '_StopSignals':
+    if not self._enabled:
+      return self
+    self._jax_service = (jax.distributed.is_initialized()
+                         and jax.config.jax_enable_preemption_service)
+    if jax.process_count() > 1 and not self._jax_service:
+      logging.warning('jax_enable_preemption_service is off: SIGTERM and SIGINT stop the'
+                      ' processes without saving')
+      return self
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      if not (signum == signal.SIGTERM and self._jax_service):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous.clear()
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.received or signal.SIGTERM).name
+
+  @property
+  def exit_status(self) -> int:
+    return 128 + (self.received or signal.SIGTERM)
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after step `step` (stays true once it is)."""
+    if not self._stopping:
+      if self._jax_service:
+        self._stopping = multihost_utils.reached_preemption_sync_point(step)
+      else:
+        self._stopping = self.received is not None
+    return self._stopping
+
+  @contextlib.contextmanager
+  def stopping_at_once(self, message: str) -> Iterator[None]:
+    """Within, a signal raises Stopped('SIGNAL ' + message) at once (on one process)."""
+    if self._enabled and not self._jax_service:
+      self._at_once = message
+    try:
+      yield
+    finally:
+      self._at_once = None
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    first = self.received is None
+    if first:
+      self.received = signum
+    if self._jax_service:
+      if signum == signal.SIGINT and first:
+        os.kill(os.getpid(), signal.SIGTERM)  # to JAX's handler, and its agreement
       return
-    elapsed = time.perf_counter() - self._start
-    self._train_seconds += elapsed
-    tokens_per_sec = self._steps * self._tokens_per_step / elapsed
-    eta = (self._total_steps - step) * elapsed / self._steps
-    train_ppl = perplexity(self._ce_sum / (self._steps * self._tokens_per_step))
-    self._writer.write('train', step, epoch=self._epoch, loss=metrics['loss'],
-                       train_ppl=train_ppl, kl=metrics['kl_sum'] / self._tokens_per_step,
-                       grad_norm=metrics['grad_norm'], tokens_per_sec=tokens_per_sec)
-    logging.info('step %d/%d epoch %d: loss %.3f train ppl %.2f, %.0f tokens/s, ETA %s',
-                 step, self._total_steps, self._epoch, metrics['loss'], train_ppl,
-                 tokens_per_sec, _format_duration(eta))
-    self._restart()
-
-  def close(self) -> float:
-    """The seconds spent training in this epoch (validation excluded)."""
-    return self._train_seconds + time.perf_counter() - self._start
+    if self._at_once is not None:  # a second signal while this one is raised: ignored
+      message, self._at_once = self._at_once, None
+      raise Stopped(f'{signal.Signals(signum).name} {message}', 128 + signum)
 
 
 def perplexity(mean_nll: float) -> float:

@@ -1,11 +1,20 @@
-"""Faults a long run meets: damaged checkpoints, a workdir that cannot be written, a bug that
-must not pass for a user mistake. launch.py in subprocesses, as a user runs it, on the tiny
-config (a run of 30 steps saves the latest state at steps 20 and 30, the best at 30)."""
+"""Faults a long run meets: kills and preemption signals at any moment, damaged checkpoints, a
+full disk, a workdir that cannot be written, a bug that must not pass for a user mistake.
+launch.py in subprocesses, as a user runs it, on the tiny config (a run of 30 steps saves the
+latest state at steps 20 and 30, the best at 30).
 
+The launches share a persistent XLA compilation cache, so that only the first one compiles.
+"""
+
+import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -13,6 +22,7 @@ import pytest
 from orbax.checkpoint._src.path import atomicity
 
 from jaxlm import checkpoint
+from jaxlm import metrics
 from jaxlm.errors import UserError
 from tests.conftest import REPO, restore_latest_state
 from tests.test_launch import check_one_line_error, launch
@@ -20,6 +30,17 @@ from tests.test_launch import check_one_line_error, launch
 TINY = [f'--config={REPO / "configs" / "tiny.py"}', '--config.checkpoint_every=10',
         '--config.eval_max_tokens=50']
 WARNING = re.compile(r'^W\d{4} .*?\] (.*)$', re.MULTILINE)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compile_cache(tmp_path_factory):
+  """One XLA compilation cache for the launches of this file."""
+  cache = tmp_path_factory.mktemp('xla_cache')
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('JAX_COMPILATION_CACHE_DIR', str(cache))
+    patch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+    patch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+    yield cache
 
 
 def train(workdir, tfds_dir, max_steps):
@@ -281,3 +302,309 @@ def test_only_user_errors_are_one_liners(tmp_path, module, function, error):
   assert 'Traceback' in proc.stderr and 'error: ' not in proc.stderr
   expected = "KeyError: 'injected'" if error == 'KeyError' else f'{error}: injected'
   assert proc.stderr.strip().splitlines()[-1] == expected
+
+
+# Kills and signals. Runs of 3 short epochs (data.train_words: 24 windows each, 72 steps)
+# save the latest state at steps 10, 20, 24 (an epoch end), 30, 40, 48, 50, 60, 70 and 72.
+RUN = [f'--config={REPO / "configs" / "tiny.py"}', '--config.data.train_words=2000',
+       '--config.num_epochs=3', '--config.checkpoint_every=10', '--config.log_every=5',
+       '--config.eval_max_tokens=50']
+SAVES = (10, 20, 24, 30, 40, 48, 50, 60, 70, 72)
+
+# Runs launch.py after installing the faults of $JAXLM_FAULTS (JSON):
+#   signal_at [STEP, NAME]: the process sends itself signal NAME right after dispatching STEP;
+#   kill_in_save [STEP, 'create' | 'commit']: SIGKILL in the save of latest STEP, once its
+#     temporary folder is made, or once everything is written but not yet renamed;
+#   signals_in_save STEP: SIGTERM and SIGINT again while latest STEP is being saved;
+#   slow_steps SECONDS: each train step takes that much longer;
+#   fill_disk_at_save [STEP, PATH]: fill the disk with PATH before saving latest STEP.
+FAULTS = '''
+import asyncio, json, os, runpy, signal, sys, time
+from orbax.checkpoint._src.path import atomicity
+from jaxlm import checkpoint, train
+
+faults = json.loads(os.environ['JAXLM_FAULTS'])
+make = train.make_train_step
+
+def make_train_step(*args, **kwargs):
+  step = make(*args, **kwargs)
+  def faulty(state, *batch):
+    number = int(state.step) + 1
+    out = step(state, *batch)
+    time.sleep(faults.get('slow_steps', 0))
+    if faults.get('signal_at', [None])[0] == number:
+      os.kill(os.getpid(), getattr(signal, faults['signal_at'][1]))
+    return out
+  return faulty
+
+train.make_train_step = make_train_step
+Renamed = atomicity.AtomicRenameTemporaryPath
+create, finalize = Renamed.create, Renamed.finalize
+
+def fault_in(path, moment):
+  """The fault of this moment of a save of `path`, if any."""
+  final = path.get_final()
+  if final.parent.name != 'latest':
+    return
+  if faults.get('kill_in_save') == [int(final.name), moment]:
+    os.kill(os.getpid(), signal.SIGKILL)
+  if moment == 'commit' and faults.get('signals_in_save') == int(final.name):
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)  # the handler runs in the main thread meanwhile
+
+async def create_(self):
+  path = await create(self)
+  fault_in(self, 'create')
+  return path
+
+async def finalize_(self):
+  fault_in(self, 'commit')
+  return await finalize(self)
+
+Renamed.create, Renamed.finalize = create_, finalize_
+save_latest = checkpoint.Checkpointer.save_latest
+
+def save_latest_(self, step, state, meta):
+  if faults.get('fill_disk_at_save', [None])[0] == step:
+    with open(faults['fill_disk_at_save'][1], 'wb') as f:
+      try:
+        while True:
+          f.write(bytes(65536))
+          f.flush()
+      except OSError:
+        pass
+  return save_latest(self, step, state, meta)
+
+checkpoint.Checkpointer.save_latest = save_latest_
+sys.argv = ['launch.py'] + sys.argv[1:]
+runpy.run_path({launch!r}, run_name='__main__')
+'''.format(launch=str(REPO / 'launch.py'))
+
+
+def run_with(workdir, tfds_dir, faults=None, popen=False):
+  """launch.py RUN in `workdir`, with `faults` (see FAULTS)."""
+  args = [*RUN, f'--workdir={workdir}', f'--config.data.tfds_dir={tfds_dir}']
+  env = {'JAXLM_FAULTS': json.dumps(faults or {})}
+  if not popen:
+    return launch(*args, python_args=['-c', FAULTS], env_extra=env)
+  return subprocess.Popen(
+      [sys.executable, '-c', FAULTS, *args], cwd=REPO,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env}, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+
+
+def complete_steps(workdir):
+  """The complete steps of the latest checkpoints on disk."""
+  latest = workdir / 'checkpoints' / 'latest'
+  return sorted(int(n) for n in os.listdir(latest) if n.isdigit())
+
+
+def comparable_lines(workdir):
+  """metrics.jsonl without the `start` lines and the speeds, which differ run to run."""
+  return [{k: v for k, v in line.items() if k != 'tokens_per_sec'}
+          for line in metrics.read_metrics(str(workdir)) if line['kind'] != 'start']
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, tfds_dir):
+  """The latest state and the metrics of RUN without faults."""
+  workdir = tmp_path_factory.mktemp('faults') / 'uninterrupted'
+  proc = run_with(workdir, tfds_dir)
+  assert proc.returncode == 0, proc.stderr
+  assert complete_steps(workdir) == [70, 72]
+  train_steps = [l['step'] for l in comparable_lines(workdir) if l['kind'] == 'train']
+  assert train_steps == list(range(5, 72, 5)) + [72]
+  return restore_latest_state(workdir)[0], comparable_lines(workdir), proc.stdout
+
+
+def assert_same_as_uninterrupted(workdir, uninterrupted, proc):
+  """Bit-identical train state; the same metrics lines (no train step missing or twice, the
+  same losses and perplexities); the same final result."""
+  state, lines, stdout = uninterrupted
+  assert proc.returncode == 0, proc.stderr
+  jax.tree.map(np.testing.assert_array_equal, restore_latest_state(workdir)[0], state)
+  assert comparable_lines(workdir) == lines
+  assert proc.stdout == stdout
+
+
+def check_stopped(proc, name, step, workdir):
+  """One `stopped:` line naming the step saved, the signal's status, the step on disk."""
+  assert proc.returncode == 128 + signal.Signals[name], proc.stderr
+  assert 'Traceback' not in proc.stderr and 'error' not in proc.stderr.lower(), proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert [l for l in lines if l.startswith('stopped:')] == lines[-1:]
+  assert lines[-1] == (f'stopped: {name} at step {step}: the train state is saved in'
+                       f' {workdir}/checkpoints/latest/{step}; run the same command to resume')
+  assert complete_steps(workdir)[-1] == step
+  assert not [n for n in os.listdir(workdir / 'checkpoints' / 'latest') if not n.isdigit()]
+  # Every train line up to the step is kept, none after it.
+  train_steps = [l['step'] for l in metrics.read_metrics(str(workdir)) if l['kind'] == 'train']
+  assert train_steps == [s for s in list(range(5, 72, 5)) + [72] if s <= step]
+
+
+def resumed_from(proc):
+  return int(re.search(r'resumed from step (\d+) ', proc.stderr)[1])
+
+
+# The interruptions of one chain: SIGKILL at a step, SIGKILL during a save (once its temporary
+# folder exists, or once written and not yet renamed), SIGTERM or SIGINT at a step.
+KINDS = ('SIGKILL', 'SIGKILL in save create', 'SIGKILL in save commit', 'SIGTERM', 'SIGINT')
+
+
+def schedule(seed):
+  """Three interruptions, one in each third of the run, of kinds drawn from a fixed RNG."""
+  rng = np.random.default_rng(seed)
+  kinds = rng.choice(KINDS, size=3, replace=False)
+  plan = []
+  for kind, (low, high) in zip(kinds, ((2, 24), (25, 48), (49, 71))):
+    if 'save' in kind:
+      step = rng.choice([s for s in SAVES if low <= s <= high])
+    else:
+      step = rng.integers(low, high + 1)
+    plan.append((str(kind), int(step)))
+  return plan
+
+
+SEEDS = (0, 1, 3)
+
+
+def test_the_chains_cover_every_kind_of_interruption():
+  drawn = [kind for seed in SEEDS for kind, _ in schedule(seed)]
+  assert set(drawn) == set(KINDS), drawn
+  assert all(step < 72 for seed in SEEDS for _, step in schedule(seed))
+
+
+@pytest.mark.parametrize('seed', SEEDS)
+def test_interrupted_runs_resume_bit_identical(tfds_dir, tmp_path, uninterrupted, seed):
+  """Each interruption of the chain, then the same command again, until the run ends."""
+  workdir = tmp_path / 'w'
+  resume_at = 0
+  for kind, step in schedule(seed):
+    if kind.startswith('SIGKILL in save'):
+      faults = {'kill_in_save': [step, kind.split()[-1]]}
+    else:
+      faults = {'signal_at': [step, kind]}
+    proc = run_with(workdir, tfds_dir, faults)
+    if resume_at:
+      assert resumed_from(proc) == resume_at, proc.stderr
+    if kind in ('SIGTERM', 'SIGINT'):
+      check_stopped(proc, kind, step, workdir)  # no step lost
+      resume_at = step
+    else:
+      assert proc.returncode == -signal.SIGKILL, proc.stderr
+      saved = [0] + complete_steps(workdir)  # 0: none, the run starts again
+      # The saves before the kill are complete, but for the one in flight (each save waits
+      # for the one before it); none after the kill.
+      prior = [0, 0] + [s for s in SAVES if s < step]
+      assert prior[-2] <= saved[-1] <= step
+      if 'save' in kind:
+        assert saved[-1] == prior[-1]
+        assert f'{step}{atomicity.TMP_DIR_SUFFIX}' in os.listdir(
+            workdir / 'checkpoints' / 'latest')
+      resume_at = saved[-1]
+  proc = run_with(workdir, tfds_dir)
+  if resume_at:
+    assert resumed_from(proc) == resume_at
+  assert_same_as_uninterrupted(workdir, uninterrupted, proc)
+
+
+def test_sigterm_and_signals_while_saving_stop_once_and_lose_nothing(tfds_dir, tmp_path,
+                                                                   uninterrupted):
+  workdir = tmp_path / 'w'
+  proc = run_with(workdir, tfds_dir, {'signal_at': [37, 'SIGTERM'], 'signals_in_save': 37})
+  check_stopped(proc, 'SIGTERM', 37, workdir)
+  proc = run_with(workdir, tfds_dir)
+  assert resumed_from(proc) == 37
+  assert_same_as_uninterrupted(workdir, uninterrupted, proc)
+
+
+def test_ctrl_c_from_outside(tfds_dir, tmp_path, uninterrupted):
+  """SIGINT from another process, at a moment the test does not choose: after a train line."""
+  workdir = tmp_path / 'w'
+  proc = run_with(workdir, tfds_dir, {'slow_steps': 0.05}, popen=True)
+  path = workdir / 'metrics.jsonl'
+  deadline = time.monotonic() + 120
+  while not (path.exists() and '"step": 20,' in path.read_text()):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGINT)
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 130 and stdout == '', stderr
+  step = int(re.search(r'^stopped: SIGINT at step (\d+):', stderr, re.MULTILINE)[1])
+  assert 20 <= step < 72
+  check_stopped(subprocess.CompletedProcess([], 130, stdout, stderr), 'SIGINT', step, workdir)
+  proc = run_with(workdir, tfds_dir)
+  assert resumed_from(proc) == step
+  assert_same_as_uninterrupted(workdir, uninterrupted, proc)
+
+
+def mount_tmpfs(folder, size):
+  """A tmpfs of `size` at `folder`, or False where mounting is not allowed."""
+  folder.mkdir()
+  if shutil.which('mount') is None:
+    return False
+  return subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(folder)],
+                        capture_output=True).returncode == 0
+
+
+def test_full_disk_during_a_save_is_one_line_and_resumes(tfds_dir, tmp_path, uninterrupted):
+  disk = tmp_path / 'disk'
+  if not mount_tmpfs(disk, '4m'):
+    pytest.skip('cannot mount a tmpfs here (the in-process test'
+                ' test_failed_save_keeps_the_previous_steps fakes a full disk)')
+  try:
+    workdir, filler = disk / 'w', disk / 'filler'
+    proc = run_with(workdir, tfds_dir, {'fill_disk_at_save': [30, str(filler)]})
+    check_one_line_error(proc, f'writing in {workdir} failed: No space left on device: free'
+                         ' space on that disk, then run the same command; it resumes from'
+                         ' step ')
+    lines = proc.stderr.splitlines()
+    assert all(line.startswith('I') for line in lines[:-1]), proc.stderr  # no orbax errors
+    last = int(re.search(r'resumes from step (\d+)', proc.stderr)[1])
+    assert last == complete_steps(workdir)[-1] and last in (20, 24)
+    filler.unlink()
+    proc = run_with(workdir, tfds_dir)
+    assert resumed_from(proc) == last
+    assert_same_as_uninterrupted(workdir, uninterrupted, proc)
+  finally:
+    subprocess.run(['umount', str(disk)], capture_output=True)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tfds_dir, tmp_path):
+  """launch.py --distributed, two processes of one CPU device: a SIGTERM to process 1 reaches
+  process 0 through JAX's preemption service; both save the same step and resume from it."""
+
+  def both(faults_of_1):
+    port = free_port()
+    procs = []
+    for i, faults in enumerate(({}, faults_of_1)):
+      args = [*RUN, f'--workdir={tmp_path / "w"}', f'--config.data.tfds_dir={tfds_dir}',
+              '--config.max_steps=35', '--distributed', f'--coordinator_address=127.0.0.1:{port}',
+              '--num_processes=2', f'--process_id={i}']
+      env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_CPU_DEVICES': '1',
+             'JAXLM_FAULTS': json.dumps(faults)}
+      procs.append(subprocess.Popen([sys.executable, '-c', FAULTS, *args], cwd=REPO, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True))
+    return [(p, *p.communicate(timeout=300)) for p in procs]
+
+  stopped = both({'signal_at': [27, 'SIGTERM']})
+  steps = set()
+  for proc, _, stderr in stopped:
+    assert proc.returncode == 143, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    steps.add(int(re.fullmatch(r'stopped: SIGTERM at step (\d+): the train state is saved in'
+                               r' \S+; run the same command to resume', last)[1]))
+  (step,) = steps  # the same step on both
+  assert 27 < step < 35 and complete_steps(tmp_path / 'w')[-1] == step
+  for proc, stdout, stderr in both({}):
+    assert proc.returncode == 0, stderr[-3000:]
+    assert resumed_from(subprocess.CompletedProcess([], 0, stdout, stderr)) == step
+    assert stdout.strip().endswith('step=35')

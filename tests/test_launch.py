@@ -3,8 +3,10 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -169,3 +171,42 @@ def test_workdir_mistakes_are_one_line(tmp_path, tfds_dir):
   check_one_line_error(proc, 'another config (model.embed_size 32 -> 16, model.hidden_size')
   assert (tmp_path / 'w' / 'config.json').read_text() == saved
   assert launch(*tiny, '--mode=eval').returncode == 0  # nothing saved was lost
+
+
+def test_offline_download_fails_at_once_in_one_line(tmp_path):
+  # No network: every connection goes through a proxy at a closed port, as requests would.
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    closed = f'http://127.0.0.1:{s.getsockname()[1]}'
+  proxies = {'HTTPS_PROXY': closed, 'HTTP_PROXY': closed, 'https_proxy': closed,
+             'http_proxy': closed, 'NO_PROXY': None, 'no_proxy': None}
+  start = time.monotonic()
+  proc = launch('--config=configs/ptb_lstm.py:small', f'--workdir={tmp_path / "w"}',
+                f'--config.data.tfds_dir={tmp_path / "tfds"}', env_extra=proxies)
+  assert time.monotonic() - start < 60
+  check_one_line_error(proc, 'Could not download PTB from https://raw.githubusercontent.com/')
+  assert proc.stderr.count('\n') == 1, proc.stderr
+  assert 'cannot connect to 127.0.0.1:' in proc.stderr and '--config.data.dir' in proc.stderr
+  assert not (tmp_path / 'tfds').exists()
+
+
+def test_helpfull_lists_every_config_key(tmp_path):
+  from jaxlm import config as config_lib
+  proc = launch('--helpfull')  # absl exits with status 1 after the help
+  assert 'Traceback' not in proc.stderr and '--workdir:' in proc.stdout, proc.stderr
+  for key, value in config_lib.flat_dict(config_lib.base_config()).items():
+    assert f'  --config.{key}={value}' in proc.stdout, key
+
+
+def test_first_train_line_has_no_speed_that_counts_compiling(tmp_path, tfds_dir):
+  proc = launch('--config=configs/tiny.py', f'--workdir={tmp_path}', '--config.max_steps=3',
+                '--config.log_every=1', f'--config.data.tfds_dir={tfds_dir}',
+                '--config.eval_max_tokens=50')
+  assert proc.returncode == 0, proc.stderr
+  lines = re.findall(r'\] step (\d)/3 epoch 1: loss \S+ train ppl \S+, (.*)$', proc.stderr,
+                     re.MULTILINE)
+  assert lines[0] == ('1', 'speed and ETA from the next line on')
+  assert [n for n, _ in lines] == ['1', '2', '3']
+  assert all(re.fullmatch(r'\d+ tokens/s, ETA 0m0\ds', rest) for _, rest in lines[1:]), lines
+  train = [l for l in read_jsonl(tmp_path / 'metrics.jsonl') if l['kind'] == 'train']
+  assert 'tokens_per_sec' not in train[0] and all(l['tokens_per_sec'] > 0 for l in train[1:])

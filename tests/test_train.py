@@ -1,5 +1,10 @@
 """The train step, the epoch loop, resuming and checkpoints, on the tiny config."""
 
+import dataclasses
+import itertools
+import json
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +21,7 @@ from jaxlm import metrics
 from jaxlm import models
 from jaxlm import subspace
 from jaxlm import train
-from jaxlm.errors import UserError
+from jaxlm.errors import Stopped, UserError
 from tests.conftest import restore_latest_state
 
 
@@ -248,3 +253,144 @@ def test_resume_refuses_a_changed_recipe_but_allows_a_longer_run(tiny, tmp_path)
   tiny.max_steps = 8  # extends the run: allowed, and the new config is saved
   assert train.fit(tiny, str(tmp_path))['step'] == 8
   assert checkpoint.load_workdir_config(str(tmp_path)).max_steps == 8
+
+
+def latest_steps(workdir):
+  """The complete steps of a workdir's latest checkpoints."""
+  return sorted(int(n) for n in os.listdir(workdir / 'checkpoints' / 'latest') if n.isdigit())
+
+
+def inject_into_train_step(monkeypatch, faults):
+  """Makes train step `number` (1-based) do `faults[number](metrics) -> metrics` after it ran."""
+  make = train.make_train_step
+
+  def make_train_step(*args, **kwargs):
+    step = make(*args, **kwargs)
+
+    def faulty(state, *batch):
+      number = int(state.step) + 1
+      state, step_metrics = step(state, *batch)
+      fault = faults.get(number)
+      return state, (step_metrics if fault is None else fault(step_metrics))
+
+    return faulty
+
+  monkeypatch.setattr(train, 'make_train_step', make_train_step)
+
+
+def nan_loss(step_metrics):
+  return {**step_metrics, 'loss': jnp.array(jnp.nan, jnp.float32)}
+
+
+def test_injected_nan_loss_at_a_checkpoint_step_is_not_saved(tiny, tmp_path, monkeypatch):
+  tiny.checkpoint_every = 5
+  inject_into_train_step(monkeypatch, {10: nan_loss})
+  with pytest.raises(train.TrainingDiverged, match=r'the loss became nan at step 10 .*step 5'):
+    train.fit(tiny, str(tmp_path))
+  assert latest_steps(tmp_path) == [5]  # the save of step 10 read its loss first
+
+
+def test_injected_nan_loss_at_a_sigterm_step_is_not_saved(tiny, tmp_path, monkeypatch):
+  tiny.checkpoint_every = 5
+
+  def nan_and_sigterm(step_metrics):
+    os.kill(os.getpid(), signal.SIGTERM)  # caught by fit: stop and save after this step
+    return nan_loss(step_metrics)
+
+  inject_into_train_step(monkeypatch, {12: nan_and_sigterm})
+  with pytest.raises(train.TrainingDiverged, match='at step 12'):
+    train.fit(tiny, str(tmp_path))
+  assert latest_steps(tmp_path) == [5, 10]
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # fit put the handler back
+
+
+def test_sigterm_saves_the_step_it_stopped_at(tiny, tmp_path, monkeypatch):
+  tiny.checkpoint_every = 100
+  tiny.eval_max_tokens = 50
+
+  def sigterm(step_metrics):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return step_metrics
+
+  inject_into_train_step(monkeypatch, {23: sigterm})
+  with pytest.raises(Stopped, match=r'^SIGTERM at step 23: the train state is saved in'
+                     f' {tmp_path}/checkpoints/latest/23; run the same command') as stopped:
+    train.fit(tiny, str(tmp_path))
+  assert stopped.value.exit_status == 143
+  assert latest_steps(tmp_path) == [23]
+  assert int(restore_latest_state(tmp_path)[0].step) == 23
+
+
+def test_signal_during_the_final_evaluation_stops_at_once(tiny, tmp_path, monkeypatch):
+  tiny.max_steps = 5
+  tiny.eval_max_tokens = 50
+
+  def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    raise AssertionError('the signal should have stopped the evaluation')
+
+  monkeypatch.setattr(evaluation, 'split_perplexities', interrupted)
+  with pytest.raises(Stopped, match='^SIGINT during the final evaluation; training ended at'
+                     f' step 5, saved in {tmp_path}/checkpoints/latest/5: run the same'
+                     ' command to evaluate') as stopped:
+    train.fit(tiny, str(tmp_path))
+  assert stopped.value.exit_status == 130
+
+
+def test_time_based_saves_at_train_lines(tiny, tmp_path, monkeypatch):
+  tiny.max_steps = 40
+  tiny.log_every = 10
+  tiny.checkpoint_every = 1000
+  tiny.checkpoint_every_secs = 1
+  tiny.eval_max_tokens = 50
+  clock = itertools.count(0, 1000)  # every look at the clock: 1000 s later
+  monkeypatch.setattr(train, '_now', lambda: next(clock))
+  steps = []
+  save = checkpoint.Checkpointer.save_latest
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save_latest',
+                      lambda self, step, *args: (steps.append(step), save(self, step, *args)))
+  train.fit(tiny, str(tmp_path))
+  assert steps == [10, 20, 30, 40]  # 40: the run's end
+
+
+def test_position_comes_from_the_step_and_older_metas_resume(tiny, tmp_path):
+  """Across epoch ends and resumes the run reads window step % steps_per_epoch and resets the
+  carry at each epoch start, as one uninterrupted run does; a checkpoint written before the
+  position came from the step (its meta held epoch and window) resumes the same."""
+  tiny.num_epochs = 2
+  tiny.data.train_words = 2000  # 24 windows an epoch
+  tiny.checkpoint_every = 7
+  tiny.eval_max_tokens = 50
+  straight = train.fit(tiny, str(tmp_path / 'straight'))
+  resumed = tmp_path / 'resumed'
+  tiny.max_steps = 10
+  train.fit(tiny, str(resumed))
+  # The meta of step 10 as jaxlm wrote it then: with what the step gives, without the
+  # interval sums.
+  path = resumed / 'checkpoints' / 'latest' / '10' / 'meta' / 'metadata'
+  meta = json.loads(path.read_text())
+  new = meta['progress']
+  meta['progress'] = {'epoch': 0, 'window': 10, 'best_valid_ppl': new['best_valid_ppl'],
+                      'epoch_ce_sum': new['epoch_ce_sum'], 'epoch_tokens': 10 * 8 * 10}
+  path.write_text(json.dumps(meta))
+  tiny.max_steps = 24  # the epoch's end
+  assert train.fit(tiny, str(resumed))['step'] == 24
+  tiny.max_steps = None
+  assert train.fit(tiny, str(resumed)) == straight
+  a, _ = restore_latest_state(tmp_path / 'straight')
+  b, meta_b = restore_latest_state(resumed)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert set(meta_b['progress']) == {f.name for f in dataclasses.fields(train.Progress)}
+  epochs = [l for l in metrics.read_metrics(str(resumed)) if l['kind'] == 'epoch']
+  assert [(l['epoch'], l['step'], l['complete']) for l in epochs] == [
+      (1, 10, False), (1, 24, True), (2, 48, True)]
+
+
+def test_progress_from_an_older_meta_checks_its_position(caplog):
+  old = {'progress': {'epoch': 2, 'window': 5, 'best_valid_ppl': 90.0, 'epoch_ce_sum': 12.5,
+                      'epoch_tokens': 5 * 700}}
+  assert train.Progress.from_meta(old, 2 * 100 + 5, 100) == train.Progress(
+      best_valid_ppl=90.0, epoch_ce_sum=12.5)
+  assert not caplog.records
+  train.Progress.from_meta(old, 2 * 100 + 6, 100)
+  assert 'says epoch index 2, window 5; the step says (2, 6)' in caplog.text

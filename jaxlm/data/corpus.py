@@ -18,6 +18,9 @@ import hashlib
 import inspect
 import itertools
 import os
+import socket
+import urllib.parse
+import urllib.request
 import zlib
 
 from absl import logging
@@ -128,6 +131,26 @@ def _read_verified(source: _Source, split: str, path: str) -> list[str]:
   return lines
 
 
+def _unreachable(urls: Sequence[str], timeout: float = 10.0) -> str | None:
+  """Why no host of `urls` can be connected to (through the proxy the environment names for
+  it, as the download would), or None when one can."""
+  reasons = []
+  for url in urls:
+    parts = urllib.parse.urlsplit(url.format(split='train'))
+    default_port = 443 if parts.scheme == 'https' else 80
+    host, port = parts.hostname, parts.port or default_port
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+      proxy_parts = urllib.parse.urlsplit(proxy if '://' in proxy else f'http://{proxy}')
+      host, port = proxy_parts.hostname, proxy_parts.port or default_port
+    try:
+      socket.create_connection((host, port), timeout=timeout).close()
+      return None
+    except OSError as e:
+      reasons.append(f'cannot connect to {host}:{port}: {e.strerror or e}')
+  return '; '.join(dict.fromkeys(reasons))
+
+
 class _LinesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A text corpus with one example per line, kept in line order."""
 
@@ -187,9 +210,10 @@ class _DownloadableBuilder(_LinesBuilder, skip_registration=True):
   def _download(self, dl_manager) -> dict[str, str]:
     raise NotImplementedError
 
-  def _download_failed(self, error: Exception) -> UserError:
-    return UserError(f'Could not download {self.SOURCE.title} from '
-                     f'{" or ".join(self.SOURCE.urls)} ({type(error).__name__}: '
+  @classmethod
+  def _download_failed(cls, error: Exception) -> UserError:
+    return UserError(f'Could not download {cls.SOURCE.title} from '
+                     f'{" or ".join(cls.SOURCE.urls)} ({type(error).__name__}: '
                      f'{str(error).splitlines()[0] if str(error) else ""}); download '
                      f'the files yourself and {_HOW_TO_PROVIDE}.')
 
@@ -290,6 +314,10 @@ def load_corpus(
       if root:
         download_config = tfds.download.DownloadConfig(
             manual_dir=_find_corpus_folder(_SOURCES[name], root, origin))
+      else:
+        unreachable = _unreachable(_SOURCES[name].urls)
+        if unreachable:  # offline: say so at once, not after TFDS's retries (minutes)
+          raise _BUILDERS[name]._download_failed(ConnectionError(unreachable))
     builder.download_and_prepare(file_format='array_record',
                                  download_config=download_config)
   lines = {split: [tokenize_line(line) for line in _read_lines(builder, split)]
