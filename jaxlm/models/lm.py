@@ -65,6 +65,11 @@ class LanguageModel(nn.Module):
     if masks is not None and masks['embed'] is not None:
       x = x * dropout.gather_word_mask(masks['embed'], tokens)
     h, carry = self.core(x, carry, None if masks is None else masks['core'])
+    # The read-out on [batch * time, d]: with the 3-D einsum, XLA on the CPU computes the
+    # [tokens, V] logits gradient twice, once in a transposed layout for dE (a third of the
+    # small LSTM's step).
+    batch, time = h.shape[:2]
+    h = h.reshape(batch * time, h.shape[-1])
     if self.tied:
       if h.shape[-1] != self.embed_size:
         raise ValueError(
@@ -81,7 +86,7 @@ class LanguageModel(nn.Module):
           self.vocab_size, use_bias=True, kernel_init=readout_init, bias_init=readout_init,
           dtype=self.dtype, name='readout',
       )(h).astype(self.logits_dtype)
-    return logits, carry
+    return logits.reshape(batch, time, self.vocab_size), carry
 
   @property
   def logits_dtype(self) -> Any:
