@@ -24,7 +24,7 @@ import re
 import signal
 import sys
 import traceback
-from typing import NoReturn, Optional
+from typing import Iterator, NoReturn, Optional
 
 import absl
 from absl import app
@@ -254,12 +254,20 @@ def prompts() -> list[str]:
   return _PROMPT.value + extra
 
 
+def format_results(results: dict[str, float | int]) -> str:
+  """`key=value ...`: perplexities to 2 decimals, other floats to 4 significant digits."""
+  def value(key, v):
+    if not isinstance(v, float):
+      return str(v)
+    return f'{v:.2f}' if key.endswith('ppl') else f'{v:.4g}'
+  return ' '.join(f'{k}={value(k, v)}' for k, v in results.items())
+
+
 def run(mode: str, config) -> str:
   """Runs `mode` and returns what to print."""
   if mode == 'train':
     results = train.fit(config, _WORKDIR.value)
-    return ' '.join(f'{k}={v:.2f}' if isinstance(v, float) else f'{k}={v}'
-                    for k, v in results.items())
+    return format_results(results)
   if mode == 'score' and _TEXT_FILE.value is None:
     raise UserError('--mode=score needs --text_file=PATH, a text file with one sentence per line')
   texts = prompts() if mode in ('predict', 'sample') else []
@@ -276,7 +284,7 @@ def use_trained(mode: str, trained: inference.Trained, texts: list[str]) -> str:
       trained.config.mc_samples = _MC_SAMPLES.value
       config_lib.validate(trained.config)
     results = inference.evaluate_trained(trained, _SPLIT.value)
-    return ' '.join(f'{k}={v:.2f}' for k, v in results.items())
+    return format_results(results)
   if mode == 'predict':
     top_k = _TOP_K.value
     columns = [(_WORKDIR.value, inference.predict(model, params, vocab, texts, top_k))]
@@ -300,6 +308,44 @@ def use_trained(mode: str, trained: inference.Trained, texts: list[str]) -> str:
   return inference.format_score(score)
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+  """stdout holds the result only: what libraries print there, from Python (TFDS, on a
+  first build) or from native code (gloo, on several CPU processes), goes to stderr with the
+  logs."""
+  sys.stdout.flush()
+  saved = os.dup(1)
+  os.dup2(2, 1)
+  try:
+    with contextlib.redirect_stdout(sys.stderr):
+      yield
+  finally:
+    os.dup2(saved, 1)
+    os.close(saved)
+
+
+def checked_run() -> str:
+  """Checks the flags and the config, then runs the mode; returns what to print."""
+  if _DISTRIBUTED.value:  # before anything touches a device
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value)
+  check_mode_flags(_MODE.value)
+  for name in ('coordinator_address', 'num_processes', 'process_id'):
+    if flags.FLAGS[name].present and not _DISTRIBUTED.value:
+      raise UserError(f'--{name} goes with --distributed: add it, or drop --{name}')
+  config = loaded_config()
+  if config is None and _MODE.value == 'train':
+    raise UserError('--mode=train needs --config, e.g. --config=configs/tiny.py')
+  if config is not None:
+    config_lib.validate(config)
+  if _MODE.value == 'train':
+    checkpoint.check_writable_workdir(_WORKDIR.value)
+  if _MODE.value == 'sample':
+    check_num_tokens(_NUM_TOKENS.value)
+  return run(_MODE.value, config)
+
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -308,26 +354,8 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_shown)
   tfds.disable_progress_bar()
   try:
-    if _DISTRIBUTED.value:  # before anything touches a device
-      sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                      _PROCESS_ID.value)
-    check_mode_flags(_MODE.value)
-    for name in ('coordinator_address', 'num_processes', 'process_id'):
-      if flags.FLAGS[name].present and not _DISTRIBUTED.value:
-        raise UserError(f'--{name} goes with --distributed: add it, or drop --{name}')
-    config = loaded_config()
-    if config is None and _MODE.value == 'train':
-      raise UserError('--mode=train needs --config, e.g. --config=configs/tiny.py')
-    if config is not None:
-      config_lib.validate(config)
-    if _MODE.value == 'train':
-      checkpoint.check_writable_workdir(_WORKDIR.value)
-    if _MODE.value == 'sample':
-      check_num_tokens(_NUM_TOKENS.value)
-    # stdout holds the result only: what libraries print (TFDS, on a first build) goes to
-    # stderr with the logs.
-    with contextlib.redirect_stdout(sys.stderr):
-      output = run(_MODE.value, config)
+    with stdout_to_stderr():
+      output = checked_run()
   except UserError as e:
     fail(str(e))
   except Stopped as e:  # training saved its state and stopped on a signal
@@ -335,7 +363,6 @@ def main(argv: list[str]) -> None:
   except KeyboardInterrupt:  # before training took over the signals, or another mode
     stop('SIGINT; nothing was saved', 128 + signal.SIGINT)
   print(output)
-
 
 if __name__ == '__main__':
   app.run(main, flags_parser=parse_flags)

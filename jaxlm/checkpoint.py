@@ -190,7 +190,9 @@ class Checkpointer:
     self._unreadable: dict[str, list[int]] = {}  # manager folder -> steps a restore skipped
 
   def latest_step(self) -> Optional[int]:
-    return self._latest.latest_step()
+    """The newest latest step, leaving out those a restore found unreadable."""
+    skipped = self._unreadable.get(str(self._latest.directory), [])
+    return max((s for s in self._latest.all_steps() if s not in skipped), default=None)
 
   def latest_dir(self, step: int) -> str:
     """The folder of latest step `step`."""

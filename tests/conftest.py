@@ -1,5 +1,6 @@
 """Shared test fixtures: the repository root and the shared data folder."""
 
+import contextlib
 import pathlib
 
 import jax
@@ -29,8 +30,9 @@ def tfds_dir(tmp_path_factory) -> pathlib.Path:
   return tmp_path_factory.mktemp('tfds')
 
 
-def restore_latest_state(workdir):
-  """(TrainState, meta) of a workdir's latest checkpoint, on one device."""
+@contextlib.contextmanager
+def opened_checkpoints(workdir):
+  """(Checkpointer, abstract train state, model signature) of a workdir, on one device."""
   workdir = str(workdir)
   config = config_lib.from_saved(checkpoint.load_workdir_config(workdir).to_dict())
   vocab = checkpoint.load_workdir_vocab(workdir)
@@ -40,10 +42,15 @@ def restore_latest_state(workdir):
       lambda: train.create_train_state(model, tx, config.batch_size, config.bptt, 0))
   ckpt = checkpoint.Checkpointer(workdir)
   try:
-    return ckpt.restore_latest(
-        checkpoint.abstract(state), checkpoint.model_signature(config.model, len(vocab)))
+    yield ckpt, checkpoint.abstract(state), checkpoint.model_signature(config.model, len(vocab))
   finally:
     ckpt.close()
+
+
+def restore_latest_state(workdir):
+  """(TrainState, meta) of a workdir's latest checkpoint, on one device."""
+  with opened_checkpoints(workdir) as (ckpt, state, signature):
+    return ckpt.restore_latest(state, signature)
 
 
 def assert_trees_close(a, b, rtol=1e-9):

@@ -24,7 +24,7 @@ from orbax.checkpoint._src.path import atomicity
 from jaxlm import checkpoint
 from jaxlm import metrics
 from jaxlm.errors import UserError
-from tests.conftest import REPO, restore_latest_state
+from tests.conftest import REPO, opened_checkpoints, restore_latest_state
 from tests.test_launch import check_one_line_error, launch
 
 TINY = [f'--config={REPO / "configs" / "tiny.py"}', '--config.checkpoint_every=10',
@@ -124,6 +124,16 @@ def test_unreadable_latest_step_falls_back_to_the_one_before(trained, straight, 
   # one that was never interrupted.
   assert sorted(os.listdir(workdir / 'checkpoints' / 'latest')) == ['30', '40']
   assert_same_state(restore_latest_state(workdir)[0], straight)
+
+
+def test_latest_step_leaves_out_a_step_that_did_not_read_back(trained, tmp_path):
+  """A run that diverges after falling back must not name the unreadable step as kept."""
+  workdir = copy_of(trained, tmp_path)
+  (workdir / 'checkpoints' / 'latest' / '30' / 'state' / 'manifest.ocdbt').unlink()
+  with opened_checkpoints(workdir) as (ckpt, state, signature):
+    assert ckpt.latest_step() == 30
+    assert ckpt.restore_latest(state, signature)[0].step == 20
+    assert ckpt.latest_step() == 20
 
 
 def test_no_readable_latest_step_is_one_line_and_deletes_nothing(trained, tfds_dir, tmp_path):

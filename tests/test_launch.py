@@ -35,6 +35,15 @@ def read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
+def test_result_line_keeps_perplexities_to_two_decimals_and_distances_to_four_digits(
+    monkeypatch):
+  monkeypatch.syspath_prepend(str(REPO))
+  import launch  # pylint: disable=import-outside-toplevel
+  line = launch.format_results({'valid_ppl': 93.2349, 'test_ppl': 89.185,
+                                'subspace_distance': 0.0612549, 'step': 51753})
+  assert line == 'valid_ppl=93.23 test_ppl=89.19 subspace_distance=0.06125 step=51753'
+
+
 def test_tiny_end_to_end_with_relative_workdir(tmp_path, tfds_dir):
   tiny = ['--config', str(REPO / 'configs' / 'tiny.py'), '--workdir', 'runs/tiny',
           f'--config.data.tfds_dir={tfds_dir}', '--config.num_epochs=1']
