@@ -214,6 +214,13 @@ def loaded_config() -> Optional[ml_collections.ConfigDict]:
                   ' ml_collections.ConfigDict')
 
 
+# Orbax's lines about what jaxlm handles: a damaged _CHECKPOINT_METADATA (jaxlm warns in its
+# own words), the temporary folder of an interrupted save, which the next save of that step
+# replaces (README, "Long runs, preemption and failures").
+_ORBAX_REPORTED = ('Failed to json parse Metadata file',
+                   'Attempted to create temporary directory')
+
+
 def _shown(record: std_logging.LogRecord) -> bool:
   """Keeps warnings and errors from everywhere, but info lines only from jaxlm and launch.py;
   and not orbax's reports (with tracebacks) of a save that failed on a full disk: training
@@ -222,6 +229,8 @@ def _shown(record: std_logging.LogRecord) -> bool:
     return os.path.abspath(record.pathname).startswith(_OUR_CODE)
   if f'{os.sep}orbax{os.sep}' in record.pathname:
     text = record.getMessage()
+    if text.startswith(_ORBAX_REPORTED):
+      return False
     if record.exc_info and record.exc_info[1] is not None:
       text += ''.join(traceback.format_exception(record.exc_info[1]))
     return not any(os.strerror(code) in text for code in (errno.ENOSPC, errno.EDQUOT))
@@ -363,6 +372,7 @@ def main(argv: list[str]) -> None:
   except KeyboardInterrupt:  # before training took over the signals, or another mode
     stop('SIGINT; nothing was saved', 128 + signal.SIGINT)
   print(output)
+
 
 if __name__ == '__main__':
   app.run(main, flags_parser=parse_flags)

@@ -58,7 +58,7 @@ class _Unreadable(Exception):
   """A checkpoint step that cannot be read back; the message says why."""
 
 
-_abandoned_reads_ignored = False  # see _ignore_abandoned_reads
+_abandoned_io_ignored = False  # see ignore_abandoned_io
 
 
 def check_writable_workdir(workdir: str) -> None:
@@ -316,8 +316,13 @@ class Checkpointer:
     except MemoryError:
       raise
     except Exception as e:  # orbax and TensorStore raise many types for a damaged file
-      _ignore_abandoned_reads()
+      ignore_abandoned_io()
       raise _Unreadable(f'{name} does not read back: {_gist(e)}') from e
+    bookkeeping = os.path.join(_step_dir(manager, step), '_CHECKPOINT_METADATA')
+    if os.path.exists(bookkeeping) and not _reads_as_json(bookkeeping):
+      logging.warning('checkpoint %s: orbax\'s _CHECKPOINT_METADATA is empty or garbled (it'
+                      ' holds a timestamp only); the arrays read back and are used',
+                      _step_dir(manager, step))
     return restored[name], meta
 
   def _drop_unreadable(self, manager: ocp.CheckpointManager) -> None:
@@ -380,6 +385,15 @@ def _missing_files(manager: ocp.CheckpointManager, step: int, name: str) -> Opti
   return None
 
 
+def _reads_as_json(path: str) -> bool:
+  try:
+    with open(path) as f:
+      json.load(f)
+    return True
+  except (OSError, ValueError):
+    return False
+
+
 def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   """A step's JSON meta; _Unreadable when it is garbled or holds no model signature."""
   try:
@@ -398,7 +412,7 @@ def _check_layout(manager: ocp.CheckpointManager, step: int, name: str, target: 
   try:
     tree = handler.metadata(epath.Path(_step_dir(manager, step)) / name).tree
   except Exception as e:  # the tree's index or an array's header is damaged
-    _ignore_abandoned_reads()
+    ignore_abandoned_io()
     raise _Unreadable(f'{name} does not read back: {_gist(e)}') from e
   finally:
     handler.close()
@@ -412,26 +426,34 @@ def _check_layout(manager: ocp.CheckpointManager, step: int, name: str, target: 
         f' {"; ".join(wrong[:5])}{" ..." if len(wrong) > 5 else ""}')
 
 
-def _ignore_abandoned_reads() -> None:
-  """Keeps the reads a failed restore abandoned from printing tracebacks later.
+def ignore_abandoned_io() -> None:
+  """Keeps the reads and writes a failed restore or save abandoned from printing tracebacks.
 
-  Orbax stops at the first array that fails and closes its event loop; the other reads then
-  fail too, as 'unraisable' exceptions (orbax's read coroutines, TensorStore's callbacks into
-  the closed loop) printed at any later time. The failure is reported already: drop those.
+  Orbax stops at the first array that fails and closes its event loop; the other reads and
+  writes then fail too, at any later time: as 'unraisable' exceptions (orbax's coroutines) or
+  through sys.excepthook (TensorStore's callbacks into the closed loop). The failure is
+  reported already: drop those.
   """
-  global _abandoned_reads_ignored
-  if _abandoned_reads_ignored:
+  global _abandoned_io_ignored
+  if _abandoned_io_ignored:
     return
-  previous = sys.unraisablehook
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
-  def hook(unraisable: Any) -> None:
+  def closed_loop(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+  def unraisable_hook(unraisable: Any) -> None:
     error, where = unraisable.exc_value, unraisable.object
-    if not ((isinstance(error, RuntimeError) and str(error) == 'Event loop is closed') or (
+    if not (closed_loop(error) or (
         inspect.iscoroutine(where) and '/orbax/' in where.cr_code.co_filename)):
-      previous(unraisable)
+      previous_unraisable(unraisable)
 
-  sys.unraisablehook = hook
-  _abandoned_reads_ignored = True
+  def except_hook(kind: type, error: BaseException, tb: Any) -> None:
+    if not closed_loop(error):
+      previous_except(kind, error, tb)
+
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+  _abandoned_io_ignored = True
 
 
 def _on_every_process(ok: bool) -> bool:

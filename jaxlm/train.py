@@ -35,7 +35,8 @@ from jaxlm import models
 from jaxlm import sharding
 from jaxlm import subspace
 from jaxlm.checkpoint import Checkpointer, abstract, check_resumed_config, check_writable_workdir
-from jaxlm.checkpoint import model_signature, save_config, save_or_check_vocab
+from jaxlm.checkpoint import ignore_abandoned_io, model_signature, save_config
+from jaxlm.checkpoint import save_or_check_vocab
 from jaxlm.errors import Stopped, UserError
 from jaxlm.metrics import MetricsWriter
 
@@ -352,11 +353,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
   check_writable_workdir(workdir)
-  os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config)
   corpus = load_corpus(config)
   for change in check_resumed_config(config, workdir):
     logging.info('resuming with %s', change)
+  os.makedirs(workdir, exist_ok=True)  # once nothing can refuse the run before it starts
   save_or_check_vocab(corpus.vocab, workdir)
   save_config(config, workdir)
   model = models.build_model(config, len(corpus.vocab))
@@ -592,6 +593,7 @@ def _raise_if_disk_full(run: _Run, error: Exception) -> None:
     why = next((os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT)
                 if getattr(error, 'errno', None) == code or os.strerror(code) in text), None)
     if why is not None:
+      ignore_abandoned_io()  # the save's other writes fail later, in other threads
       last = run.checkpointer.saved_latest_step()
       resume = 'from step 0' if last is None else f'from step {last}, its last complete save'
       raise UserError(f'writing in {run.workdir} failed: {why}: free space on that disk, then'

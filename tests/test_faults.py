@@ -162,7 +162,24 @@ def test_tmp_folder_of_an_interrupted_save_is_ignored(trained, straight, tfds_di
   proc = train(workdir, tfds_dir, 40)
   assert proc.returncode == 0, proc.stderr
   assert 'resumed from step 30' in proc.stderr and 'cannot be read' not in proc.stderr
+  assert not WARNING.findall(proc.stderr), proc.stderr  # orbax's line about it is not shown
   assert sorted(os.listdir(latest)) == ['30', '40']  # the new save replaced the tmp folder
+  assert_same_state(restore_latest_state(workdir)[0], straight)
+
+
+@pytest.mark.parametrize('content', ['', '{"init_timestamp'])
+def test_damaged_orbax_bookkeeping_file_is_one_warning_and_the_step_is_used(
+    trained, straight, tfds_dir, tmp_path, content):
+  workdir = copy_of(trained, tmp_path)
+  step_30 = workdir / 'checkpoints' / 'latest' / '30'
+  (step_30 / '_CHECKPOINT_METADATA').write_text(content)
+  proc = train(workdir, tfds_dir, 40)
+  assert proc.returncode == 0, proc.stderr
+  assert not re.search(r'^E\d{4} ', proc.stderr, re.MULTILINE), proc.stderr
+  warnings = WARNING.findall(proc.stderr)
+  assert warnings == [f"checkpoint {step_30}: orbax's _CHECKPOINT_METADATA is empty or garbled"
+                      ' (it holds a timestamp only); the arrays read back and are used'], warnings
+  assert 'resumed from step 30' in proc.stderr
   assert_same_state(restore_latest_state(workdir)[0], straight)
 
 

@@ -197,6 +197,7 @@ def test_offline_download_fails_at_once_in_one_line(tmp_path):
   assert proc.stderr.count('\n') == 1, proc.stderr
   assert 'cannot connect to 127.0.0.1:' in proc.stderr and '--config.data.dir' in proc.stderr
   assert not (tmp_path / 'tfds').exists()
+  assert not (tmp_path / 'w').exists()  # a refused run creates no workdir
 
 
 def test_helpfull_lists_every_config_key(tmp_path):
