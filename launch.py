@@ -38,6 +38,7 @@ import tensorflow_datasets as tfds
 import jaxlm
 from jaxlm import checkpoint
 from jaxlm import config as config_lib
+from jaxlm import host
 from jaxlm import inference
 from jaxlm import sharding
 from jaxlm import train
@@ -97,6 +98,11 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     'num_processes', None, '--distributed: the number of processes, where JAX cannot detect it.')
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, '--distributed: this process\'s index, where JAX cannot detect it.')
+_KEEP_FREED_MEMORY = flags.DEFINE_bool(
+    'keep_freed_memory', True, 'glibc only: malloc keeps freed memory for reuse instead of'
+    ' handing it back to the system, which XLA\'s CPU runtime otherwise maps afresh at every'
+    ' step (about a fifth of a small LSTM\'s step on a CPU; see jaxlm/host.py). The process'
+    ' then stays at its peak memory.')
 flags.mark_flags_as_required(['workdir'])
 
 # The flags each mode reads beyond --config, --workdir and --mode; any other is a mistake.
@@ -361,6 +367,8 @@ def main(argv: list[str]) -> None:
   # On the handler, so that it also sees the records of other loggers (JAX's, at backend
   # start-up) that reach it through the root logger.
   logging.get_absl_handler().addFilter(_shown)
+  if _KEEP_FREED_MEMORY.value:  # before JAX's first computation starts its threads
+    host.keep_freed_memory()
   tfds.disable_progress_bar()
   try:
     with stdout_to_stderr():

@@ -39,6 +39,7 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm import data
 from jaxlm import evaluation
+from jaxlm import host
 from jaxlm import models
 from jaxlm import sharding
 from jaxlm import train
@@ -89,6 +90,9 @@ _PROFILE = flags.DEFINE_string(
     'profile', None, 'Write a jax.profiler trace of --profile_steps steps per config here'
     ' (TensorBoard or Perfetto; one subfolder per config in the table).')
 _PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 3, 'Steps in each --profile trace.')
+_KEEP_FREED_MEMORY = flags.DEFINE_bool(
+    'keep_freed_memory', True, 'As launch.py\'s flag of that name (jaxlm/host.py); '
+    '--nokeep_freed_memory times malloc as the system sets it.')
 
 
 @dataclasses.dataclass
@@ -426,6 +430,8 @@ def main(argv):
 
 
 def _main():
+  if _KEEP_FREED_MEMORY.value:
+    host.keep_freed_memory()
   single = flags.FLAGS[_CONFIG.name].present
   if single:
     configs = [('', _CONFIG.value)]
