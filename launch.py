@@ -360,7 +360,6 @@ def checked_run() -> str:
   return run(_MODE.value, config)
 
 
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
