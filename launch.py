@@ -17,6 +17,7 @@ training stopped after saving its state (one `stopped:` line), the same command 
 """
 
 import contextlib
+import ctypes
 import errno
 import logging as std_logging
 import os
@@ -99,10 +100,11 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, '--distributed: this process\'s index, where JAX cannot detect it.')
 _KEEP_FREED_MEMORY = flags.DEFINE_bool(
-    'keep_freed_memory', True, 'glibc only: malloc keeps freed memory for reuse instead of'
-    ' handing it back to the system, which XLA\'s CPU runtime otherwise maps afresh at every'
-    ' step (about a fifth of a small LSTM\'s step on a CPU; see jaxlm/host.py). The process'
-    ' then stays at its peak memory.')
+    'keep_freed_memory', True, 'On the CPU (no GPU or TPU plugin installed, or JAX_PLATFORMS'
+    ' starting with cpu), with glibc: malloc keeps freed memory for reuse instead of handing it'
+    ' back to the system, which XLA\'s CPU runtime otherwise maps afresh at every step (about'
+    ' a fifth of a small LSTM\'s step; see jaxlm/host.py). The process then stays at its peak'
+    ' memory.')
 flags.mark_flags_as_required(['workdir'])
 
 # The flags each mode reads beyond --config, --workdir and --mode; any other is a mistake.
@@ -229,8 +231,8 @@ _ORBAX_REPORTED = ('Failed to json parse Metadata file',
 
 def _shown(record: std_logging.LogRecord) -> bool:
   """Keeps warnings and errors from everywhere, but info lines only from jaxlm and launch.py;
-  and not orbax's reports (with tracebacks) of a save that failed on a full disk: training
-  reports that in one line."""
+  and not orbax's reports (with tracebacks) of a save that failed on a full disk (training
+  reports that in one line), nor its lines in _ORBAX_REPORTED."""
   if record.levelno < std_logging.WARNING:
     return os.path.abspath(record.pathname).startswith(_OUR_CODE)
   if f'{os.sep}orbax{os.sep}' in record.pathname:
@@ -271,7 +273,7 @@ def prompts() -> list[str]:
 
 def format_results(results: dict[str, float | int]) -> str:
   """`key=value ...`: perplexities to 2 decimals, other floats to 4 significant digits."""
-  def value(key, v):
+  def value(key: str, v: float | int) -> str:
     if not isinstance(v, float):
       return str(v)
     return f'{v:.2f}' if key.endswith('ppl') else f'{v:.4g}'
@@ -329,12 +331,18 @@ def stdout_to_stderr() -> Iterator[None]:
   first build) or from native code (gloo, on several CPU processes), goes to stderr with the
   logs."""
   sys.stdout.flush()
-  saved = os.dup(1)
+  try:
+    saved = os.dup(1)
+  except OSError:  # no stdout at all (closed): nothing to keep clean
+    yield
+    return
   os.dup2(2, 1)
   try:
     with contextlib.redirect_stdout(sys.stderr):
       yield
   finally:
+    sys.__stdout__.flush()
+    ctypes.CDLL(None).fflush(None)  # what native code left in C's stdout buffer, to stderr
     os.dup2(saved, 1)
     os.close(saved)
 
@@ -366,7 +374,7 @@ def main(argv: list[str]) -> None:
   # On the handler, so that it also sees the records of other loggers (JAX's, at backend
   # start-up) that reach it through the root logger.
   logging.get_absl_handler().addFilter(_shown)
-  if _KEEP_FREED_MEMORY.value:  # before JAX's first computation starts its threads
+  if _KEEP_FREED_MEMORY.value and host.runs_on_cpu():  # before JAX's first computation
     host.keep_freed_memory()
   tfds.disable_progress_bar()
   try:

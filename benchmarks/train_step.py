@@ -430,7 +430,7 @@ def main(argv):
 
 
 def _main():
-  if _KEEP_FREED_MEMORY.value:
+  if _KEEP_FREED_MEMORY.value and host.runs_on_cpu():
     host.keep_freed_memory()
   single = flags.FLAGS[_CONFIG.name].present
   if single:

@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from typing import Any, Optional
 
 from absl import logging
@@ -190,7 +191,8 @@ class Checkpointer:
     self._unreadable: dict[str, list[int]] = {}  # manager folder -> steps a restore skipped
 
   def latest_step(self) -> Optional[int]:
-    """The newest latest step, leaving out those a restore found unreadable."""
+    """The newest step of the latest train states, leaving out those a restore skipped as
+    unreadable."""
     skipped = self._unreadable.get(str(self._latest.directory), [])
     return max((s for s in self._latest.all_steps() if s not in skipped), default=None)
 
@@ -387,7 +389,7 @@ def _missing_files(manager: ocp.CheckpointManager, step: int, name: str) -> Opti
 
 def _reads_as_json(path: str) -> bool:
   try:
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
       json.load(f)
     return True
   except (OSError, ValueError):
@@ -431,8 +433,8 @@ def ignore_abandoned_io() -> None:
 
   Orbax stops at the first array that fails and closes its event loop; the other reads and
   writes then fail too, at any later time: as 'unraisable' exceptions (orbax's coroutines) or
-  through sys.excepthook (TensorStore's callbacks into the closed loop). The failure is
-  reported already: drop those.
+  through sys.excepthook in TensorStore's threads (its callbacks into the closed loop). The
+  failure is reported already: drop those.
   """
   global _abandoned_io_ignored
   if _abandoned_io_ignored:
@@ -449,7 +451,8 @@ def ignore_abandoned_io() -> None:
       previous_unraisable(unraisable)
 
   def except_hook(kind: type, error: BaseException, tb: Any) -> None:
-    if not closed_loop(error):
+    # Only TensorStore's threads: the main thread's own errors keep their traceback.
+    if not (closed_loop(error) and threading.current_thread() is not threading.main_thread()):
       previous_except(kind, error, tb)
 
   sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook

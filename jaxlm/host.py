@@ -9,7 +9,13 @@ malloc keep what is freed, so that the next step reuses the same pages.
 """
 
 import ctypes
+import importlib.metadata
+import importlib.util
+import os
+import pkgutil
 import platform
+
+from absl import logging
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -18,17 +24,45 @@ _M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1
 
 
+def runs_on_cpu() -> bool:
+  """Whether JAX will compute on the CPU, told without starting a backend.
+
+  JAX_PLATFORMS decides when set (its first entry); otherwise the CPU unless an accelerator
+  plugin is installed (a `jax_plugins` module or entry point: CUDA, ROCm; or libtpu).
+  """
+  platforms = os.environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  if importlib.util.find_spec('libtpu') is not None:
+    return False
+  if importlib.metadata.entry_points(group='jax_plugins'):
+    return False
+  try:
+    import jax_plugins  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return True
+  return not any(pkgutil.iter_modules(jax_plugins.__path__))
+
+
 def keep_freed_memory() -> bool:
   """Makes glibc's malloc keep freed memory in the process for reuse (glibc only).
 
   One arena for every thread (a worker thread's arena would still map requests over 64 MiB
   afresh), no `mmap` for large requests, no trimming of the heap's top. The process's memory
-  then stays at its peak instead of going up and down at every step. Takes effect for the
-  threads that have not allocated yet: call it before JAX's first computation (importing jax
-  is fine). Returns whether it was applied: False on a C library other than glibc.
+  then stays at its peak instead of going up and down at every step, and every thread shares
+  one malloc lock (no cost measured with XLA's two threads here). Takes effect for the threads
+  that have not allocated yet: call it before JAX's first computation (importing jax is fine).
+  Meant for JAX on the CPU (`runs_on_cpu`); on a GPU or TPU host it only keeps memory. Returns
+  whether it was applied: False on a C library other than glibc, or if glibc refused a setting
+  (a warning names it).
   """
   if platform.libc_ver()[0] != 'glibc':
     return False
   mallopt = ctypes.CDLL(None).mallopt
-  return all(mallopt(option, value) == 1 for option, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX)))
+  refused = [name for name, option, value in (
+      ('M_ARENA_MAX', _M_ARENA_MAX, 1), ('M_MMAP_MAX', _M_MMAP_MAX, 0),
+      ('M_TRIM_THRESHOLD', _M_TRIM_THRESHOLD, _INT_MAX)) if mallopt(option, value) != 1]
+  if refused:
+    logging.warning('glibc refused mallopt %s: freed memory may still go back to the system',
+                    ', '.join(refused))
+  return not refused
