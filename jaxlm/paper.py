@@ -89,6 +89,22 @@ def match_row(config: ml_collections.ConfigDict) -> Optional[PaperRow]:
   return None
 
 
+def nearest_row(config: ml_collections.ConfigDict,
+                max_differences: int = 3) -> Optional[tuple[PaperRow, list[str]]]:
+  """The paper's row that `config` varies, and the recipe keys it changes; None if none is close.
+
+  The row of the same corpus and core with the fewest recipe differences, at most
+  `max_differences` (the first in table order on a tie); for an exact match, (row, []). A
+  derived key counts too: an override of `loss.temperature` also changes `loss.aug_weight`.
+  """
+  candidates = [(recipe_differences(config, row), row) for row in ROWS
+                if (row.corpus, row.core) == (config.data.corpus, config.model.core)]
+  best = min(candidates, key=lambda c: len(c[0]), default=None)
+  if best is None or len(best[0]) > max_differences:
+    return None
+  return best[1], best[0]
+
+
 def find_row(corpus: str, core: str, arg: str) -> Optional[PaperRow]:
   """The paper's row trained by `config_lib.{lstm,rhn}_config(corpus, arg)`, or None."""
   for row in ROWS:

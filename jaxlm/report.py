@@ -4,8 +4,9 @@
 
 reads each workdir under --runs (a folder holding `config.json` and `metrics.jsonl`, at any
 depth) and writes to --out:
-- `report.md`: one row per run: the paper's row it trains (`paper.match_row`), the paper's
-  validation/test perplexity, ours (the best parameters at batch 1 for a finished run; the
+- `report.md`: one row per run: the paper's row it trains (`paper.match_row`) or, for a run
+  that changes a few of a row's recipe keys (an ablation), that row and the changed keys
+  (`paper.nearest_row`); the paper's validation/test perplexity, ours (the best parameters at batch 1 for a finished run; the
   latest validation for one in progress), the differences in %, parameters, epochs done and
   planned, training time and tokens/s, the machine;
 - `valid_CORPUS_SIZE.png`: validation perplexity per epoch of the variants of one size on one
@@ -51,6 +52,27 @@ class Run:
   @functools.cached_property
   def row(self) -> Optional[paper.PaperRow]:
     return paper.match_row(self.config)
+
+  @functools.cached_property
+  def variant_of(self) -> Optional[tuple[paper.PaperRow, list[str]]]:
+    """For a run that trains no row: the row whose recipe it changes in a few keys, and them."""
+    return None if self.row is not None else paper.nearest_row(self.config)
+
+  @property
+  def compared_row(self) -> Optional[paper.PaperRow]:
+    """The row whose numbers the run is compared with: its own, else the one it varies."""
+    return self.row or (self.variant_of and self.variant_of[0])
+
+  @property
+  def row_description(self) -> str:
+    if self.row:
+      return self.row.config_arg
+    if self.variant_of:
+      row, keys = self.variant_of
+      flat = config_lib.flat_dict(self.config)
+      changes = ', '.join(f'{k}={flat.get(k)}' for k in keys)
+      return f'variant of {row.config_arg}: {changes}'
+    return '— (not a paper row)'
 
   @property
   def epochs(self) -> list[dict[str, Any]]:
@@ -105,8 +127,12 @@ class Run:
 
   @property
   def label(self) -> str:
-    row = self.row
-    return f'{self.name} ({row.arg})' if row else self.name
+    if self.row:
+      return f'{self.name} ({self.row.arg})'
+    if self.variant_of:
+      row, keys = self.variant_of
+      return f'{self.name} ({row.arg}, changed: {", ".join(keys)})'
+    return self.name
 
 
 def find_runs(runs_dir: str) -> list[Run]:
@@ -152,7 +178,7 @@ def _duration(seconds: float) -> str:
 
 def table_row(run: Run) -> list[str]:
   """The report's cells for one run."""
-  row, final, epochs = run.row, run.final, run.epochs
+  row, final, epochs = run.compared_row, run.final, run.epochs
   if final is not None:
     valid, test, status = final.get('valid_ppl'), final.get('test_ppl'), 'done'
   elif epochs:
@@ -164,7 +190,7 @@ def table_row(run: Run) -> list[str]:
   params = run.params
   tokens_per_sec = run.tokens_per_sec
   return [
-      f'`{run.name}`', row.config_arg if row else '— (not a paper row)',
+      f'`{run.name}`', run.row_description,
       f'{_ppl(row and row.valid_ppl)} / {_ppl(row and row.test_ppl)}',
       f'{_ppl(valid)} / {_ppl(test)}',
       f'{_difference(valid, row and row.valid_ppl)} / {_difference(test, row and row.test_ppl)}',

@@ -51,6 +51,11 @@ def runs(tmp_path_factory):
             for e in (1, 2)]
   final = {'kind': 'test', 'step': 2654, 'valid_ppl': 94.395, 'test_ppl': 80.845}
   (old / 'metrics.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in epochs + [final]))
+  # An ablation: PTB small REAL at another temperature (alpha = gamma * tau follows).
+  variant = config_lib.lstm_config('ptb', 'small,real')
+  variant.loss.temperature = 2.0
+  write_workdir(root / 'ptb_small_real_tau2', variant,
+                epochs + [dict(final, valid_ppl=90.6, test_ppl=84.35)])
   return root
 
 
@@ -77,6 +82,11 @@ def test_report_table_compares_each_run_with_its_paper_row(runs, tmp_path):
     assert tiny['epochs'] == '2 / 2' and tiny['machine'].startswith('cpu')
     final = [json.loads(l) for l in (runs / name / 'metrics.jsonl').read_text().splitlines()][-1]
     assert tiny['ours val / test'] == f'{final["valid_ppl"]:.1f} / {final["test_ppl"]:.1f}'
+  variant = cells(text, 'ptb_small_real_tau2')
+  assert variant['paper row'] == ('variant of configs/ptb_lstm.py:small,real:'
+                                  ' loss.aug_weight=1.0, loss.temperature=2.0')
+  assert variant['paper val / test'] == '86.3 / 82.7'
+  assert variant['difference'] == '+5.0% / +2.0%'  # 90.6 / 86.3 and 84.35 / 82.7
   progress = cells(text, 'more/tiny_in_progress')
   assert progress['status'].startswith('in progress (epoch 2')
   assert progress['ours val / test'].endswith('/ —')
@@ -113,3 +123,17 @@ def test_match_row_ignores_how_a_run_is_computed_but_not_its_recipe():
   assert paper.match_row(c) is None
   assert paper.recipe_differences(c, paper.find_row('ptb', 'lstm', 'small,real')) == [
       'dropout.input', 'dropout.output', 'dropout.state']
+
+
+def test_nearest_row_names_the_row_a_run_varies_and_what_it_changes():
+  real = paper.find_row('ptb', 'lstm', 'small,real')
+  assert paper.nearest_row(real.config()) == (real, [])
+  c = config_lib.lstm_config('ptb', 'small,real')
+  c.loss.temperature = 5.0
+  assert paper.nearest_row(c) == (real, ['loss.aug_weight', 'loss.temperature'])
+  c.loss.stop_target_gradient = True
+  assert paper.nearest_row(c) == (real, ['loss.aug_weight', 'loss.stop_target_gradient',
+                                          'loss.temperature'])
+  c.optim.clip_norm = 1.0  # a fourth change: no longer a variant of any row
+  assert paper.nearest_row(c) is None
+  assert paper.nearest_row(config_lib.tiny_config('real')) is None  # no row of its corpus
