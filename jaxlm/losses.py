@@ -49,13 +49,18 @@ def augmented_kl(
   Returns:
     KL divergence per token, [...], >= 0.
   """
-  embedding = _f32(embedding)
-  target_vectors = embedding[targets]  # [..., d]
-  log_target = jax.nn.log_softmax(target_vectors @ embedding.T / temperature, axis=-1)
+  log_target = log_target_distribution(embedding, targets, temperature)
   if stop_target_gradient:
     log_target = jax.lax.stop_gradient(log_target)
   log_model = jax.nn.log_softmax(_f32(logits) / temperature, axis=-1)
   return jnp.sum(jnp.exp(log_target) * (log_target - log_model), axis=-1)
+
+
+def log_target_distribution(embedding: jax.Array, targets: jax.Array,
+                            temperature: float) -> jax.Array:
+  """log y~ = log softmax(E u / tau) with u = E[target]: int [...] -> float32 [..., V]."""
+  embedding = _f32(embedding)
+  return jax.nn.log_softmax(embedding[targets] @ embedding.T / temperature, axis=-1)
 
 
 def distinct_targets(targets: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,94 @@
+"""How much the augmented loss's target distribution says: y~ = softmax(E u / tau) of trained runs.
+
+  python experiments/target_sharpness.py --workdirs=~/jaxlm-runs/ptb_small_real \
+      --temperatures=20,10,5,2 --data_dir=../shared/data
+
+For each workdir's embedding E (best checkpoint) and each temperature, over the target words
+of the validation split (each word weighted by how often it is a target there; with no
+--data_dir, every vocabulary word once): the mean entropy of y~ in nats, against log V for a
+uniform y~, and the mean probability y~ gives the target word itself. A y~ as flat as the
+uniform distribution carries no word similarity: the augmented loss then only pulls the
+model's tempered distribution toward uniform, like label smoothing. Prints a Markdown table.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from jaxlm import inference
+from jaxlm import losses
+from jaxlm import models
+from jaxlm import data as data_lib
+from jaxlm.errors import UserError
+
+_WORKDIRS = flags.DEFINE_list('workdirs', None, 'Trained workdirs to read E from.')
+_TEMPERATURES = flags.DEFINE_list('temperatures', ['20', '10', '5', '2'], 'Values of tau.')
+_DATA_DIR = flags.DEFINE_string(
+    'data_dir', None, 'Corpus folder: weight each word by its count as a validation target.')
+_CHUNK = 500  # rows of y~ at a time: [500, V] floats
+
+
+def target_sharpness(embedding: np.ndarray, temperature: float,
+                     weights: np.ndarray) -> tuple[float, float]:
+  """(mean entropy of y~ in nats, mean y~ of the word itself), weighted over the vocabulary.
+
+  Args:
+    embedding: E, [V, d].
+    temperature: tau > 0.
+    weights: [V], >= 0, not all 0: how much each word counts as a target.
+  """
+  vocab_size = embedding.shape[0]
+  weights = np.asarray(weights, np.float64) / np.sum(weights)
+  log_target = jax.jit(losses.log_target_distribution, static_argnums=2)
+  entropy = self_prob = 0.0
+  for start in range(0, vocab_size, _CHUNK):
+    ids = np.arange(start, min(start + _CHUNK, vocab_size))
+    log_y = np.asarray(log_target(embedding, ids, temperature), np.float64)  # [chunk, V]
+    entropy += weights[ids] @ -np.sum(np.exp(log_y) * log_y, axis=1)
+    self_prob += weights[ids] @ np.exp(log_y[np.arange(len(ids)), ids])
+  return float(entropy), float(self_prob)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if not _WORKDIRS.value:
+    raise UserError('--workdirs=W[,W...] is required: trained workdirs')
+  try:
+    temperatures = [float(t) for t in _TEMPERATURES.value]
+  except ValueError:
+    raise UserError(f'--temperatures must be numbers, got {_TEMPERATURES.value}') from None
+  if any(t <= 0 for t in temperatures):
+    raise UserError(f'--temperatures must be > 0, got {temperatures}')
+  rows = ['| run | mean ‖E_w‖ | tau | entropy of y~ (nats) | log V | y~ of the word itself |',
+          '|---|---|---|---|---|---|']
+  for workdir in _WORKDIRS.value:
+    trained = inference.load_trained(os.path.expanduser(workdir))
+    embedding = np.asarray(models.embedding_matrix(trained.params), np.float32)
+    vocab_size = embedding.shape[0]
+    weights = np.ones(vocab_size)
+    if _DATA_DIR.value:
+      corpus = data_lib.load_corpus(trained.config.data.corpus, _DATA_DIR.value, None)
+      weights = np.bincount(corpus.splits['valid'][1:], minlength=vocab_size)
+    norm = np.mean(np.linalg.norm(embedding.astype(np.float64), axis=1))
+    name = os.path.basename(os.path.normpath(workdir))
+    for tau in temperatures:
+      entropy, self_prob = target_sharpness(embedding, tau, weights)
+      rows.append(f'| {name} | {norm:.2f} | {tau:g} | {entropy:.3f} | {np.log(vocab_size):.3f} |'
+                  f' {self_prob:.4f} |')
+  print('\n'.join(rows))
+
+
+def run() -> None:
+  try:
+    app.run(main)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  run()
