@@ -3,7 +3,7 @@
   python experiments/target_sharpness.py --workdirs=~/jaxlm-runs/ptb_small_real \
       --temperatures=20,10,5,2 --data_dir=../shared/data
 
-For each workdir's embedding E (best checkpoint) and each temperature, over the target words
+For each workdir's embedding E (its best checkpoint, or --checkpoint=latest) and each temperature, over the target words
 of the validation split (each word weighted by how often it is a target there; with no
 --data_dir, every vocabulary word once): the mean entropy of y~ in nats, against log V for a
 uniform y~, and the mean probability y~ gives the target word itself. A y~ as flat as the
@@ -29,6 +29,8 @@ _WORKDIRS = flags.DEFINE_list('workdirs', None, 'Trained workdirs to read E from
 _TEMPERATURES = flags.DEFINE_list('temperatures', ['20', '10', '5', '2'], 'Values of tau.')
 _DATA_DIR = flags.DEFINE_string(
     'data_dir', None, 'Corpus folder: weight each word by its count as a validation target.')
+_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', inference.CHECKPOINTS,
+                                'Which parameters of each workdir.')
 _CHUNK = 500  # rows of y~ at a time: [500, V] floats
 
 
@@ -66,7 +68,7 @@ def main(argv: list[str]) -> None:
   rows = ['| run | mean ‖E_w‖ | tau | entropy of y~ (nats) | log V | y~ of the word itself |',
           '|---|---|---|---|---|---|']
   for workdir in _WORKDIRS.value:
-    trained = inference.load_trained(os.path.expanduser(workdir))
+    trained = inference.load_trained(os.path.expanduser(workdir), _CHECKPOINT.value)
     embedding = np.asarray(models.embedding_matrix(trained.params), np.float32)
     vocab_size = embedding.shape[0]
     weights = np.ones(vocab_size)
