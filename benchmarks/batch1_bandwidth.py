@@ -8,10 +8,15 @@ CPU's cache holds, so each token reads them all from memory. This prints tokens/
 memory traffic that makes for:
 - `jaxlm`: `models.rhn.rhn_scan` (the evaluation's recurrence) under jit, batch 1, no dropout;
 - `numpy, N threads`: the same products chained through NumPy's BLAS (the same kernels, in
-  a subprocess with OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS = N): a bound
-  on what the memory system gives one and all threads;
-- `read`: summing the kernels' bytes with NumPy, one thread.
-and the seconds each would take for the 82,430 tokens of PTB test. Nothing else should run.
+  a subprocess with OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS = N): what
+  one thread and every thread of this process's CPUs reach (the elementwise steps run in
+  NumPy between the products, a few percent of the time);
+- `read`: summing the kernels' bytes with NumPy, one thread;
+and the seconds each would take for the 82,430 tokens of PTB test. With `--formulations`,
+a second table: the same chain under jit written in other ways, each micro-layer's product
+as one dot, as two or four dots over column blocks, with the kernel transposed, or as a
+multiply and a sum; XLA flags (e.g. `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot`)
+apply to it and to `jaxlm`. Nothing else should run.
 """
 
 import json
@@ -19,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -28,7 +34,8 @@ _HIDDEN = flags.DEFINE_integer('hidden', 830, 'RHN hidden size.')
 _DEPTH = flags.DEFINE_integer('depth', 10, 'Micro-layers per step.')
 _TOKENS = flags.DEFINE_integer('tokens', 1024, 'Tokens per timed pass.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed passes; the median is printed.')
-_NUMPY_WORKER = flags.DEFINE_integer('numpy_worker', 0, 'Internal: run the NumPy chain only.')
+_FORMULATIONS = flags.DEFINE_bool('formulations', False, 'Also time other ways to write it.')
+_NUMPY_WORKER = flags.DEFINE_bool('numpy_worker', False, 'Internal: run the NumPy chain only.')
 PTB_TEST_TOKENS = 82_430
 
 
@@ -38,7 +45,8 @@ def kernels(depth: int, hidden: int) -> np.ndarray:
   return rng.uniform(-0.04, 0.04, (depth, hidden, 2 * hidden)).astype(np.float32)
 
 
-def median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+  """Median wall time of `repeats` calls of `fn`, after one untimed call."""
   fn()
   times = []
   for _ in range(repeats):
@@ -79,14 +87,64 @@ def jaxlm_seconds(depth: int, hidden: int, tokens: int, repeats: int) -> float:
   return median_seconds(lambda: scan(gates, s0).block_until_ready(), repeats) / tokens
 
 
+def formulation_seconds(name: str, depth: int, hidden: int, tokens: int,
+                        repeats: int) -> float:
+  """Seconds per token of the recurrence under jit with each product written as `name`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  r = kernels(depth, hidden)
+  blocks = {'two dots': 2, 'four dots': 4}.get(name, 1)
+  if name in ('transposed dot', 'transposed multiply-sum'):
+    ks = [jnp.asarray(k.T) for k in r]  # [2 * hidden, hidden]
+  else:  # column blocks, made outside jit: a slice inside the loop copies the kernel
+    ks = [[jnp.asarray(b) for b in np.split(k, blocks, axis=1)] for k in r]
+  product = {
+      'dot': lambda s, k: s @ k[0],
+      'two dots': lambda s, k: jnp.concatenate([s @ b for b in k], axis=-1),
+      'four dots': lambda s, k: jnp.concatenate([s @ b for b in k], axis=-1),
+      'transposed dot': lambda s, k: (k @ s[0])[None],
+      'multiply-sum': lambda s, k: jnp.sum(s[0][:, None] * k[0], axis=0)[None],
+      'transposed multiply-sum': lambda s, k: jnp.sum(k * s, axis=1)[None],
+  }[name]
+
+  def run(gates, ks):
+    def step(s, g):
+      for i in range(depth):
+        pre = product(s, ks[i]) + (g if i == 0 else 0.0)
+        h, t = jnp.tanh(pre[:, :hidden]), jax.nn.sigmoid(pre[:, hidden:])
+        s = h * t + s * (1 - t)
+      return s, None
+    return jax.lax.scan(step, jnp.zeros((1, hidden), jnp.float32), gates)[0]
+
+  gates = jnp.asarray(np.random.default_rng(1).normal(size=(tokens, 1, 2 * hidden)),
+                      jnp.float32)
+  run = jax.jit(run)
+  return median_seconds(lambda: run(gates, ks).block_until_ready(), repeats) / tokens
+
+
+FORMULATIONS = ('dot', 'two dots', 'four dots', 'transposed dot', 'multiply-sum',
+                'transposed multiply-sum')
+
+
 def numpy_in_subprocess(threads: int) -> float:
+  """`numpy_chain_seconds` in a child process whose BLAS uses `threads` threads."""
   env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
              MKL_NUM_THREADS=str(threads))
   out = subprocess.run(
-      [sys.executable, __file__, f'--numpy_worker={threads}', f'--hidden={_HIDDEN.value}',
+      [sys.executable, __file__, '--numpy_worker', f'--hidden={_HIDDEN.value}',
        f'--depth={_DEPTH.value}', f'--tokens={_TOKENS.value}', f'--repeats={_REPEATS.value}'],
-      env=env, capture_output=True, text=True, check=True)
+      env=env, capture_output=True, text=True, check=False)
+  if out.returncode:
+    raise RuntimeError(f'the NumPy child with {threads} threads failed:\n{out.stderr}')
   return json.loads(out.stdout.strip().splitlines()[-1])['seconds_per_token']
+
+
+def print_rows(header: str, rows: list[tuple[str, float]], megabytes: float) -> None:
+  print(f'\n| {header} | tokens/s | GB/s of kernels | PTB test (82,430 tokens) s |')
+  print('|---|---|---|---|')
+  for name, seconds in rows:
+    print(f'| {name} | {1 / seconds:,.0f} | {megabytes / 1e3 / seconds:.1f} |'
+          f' {PTB_TEST_TOKENS * seconds:.0f} |')
 
 
 def main(argv: list[str]) -> None:
@@ -97,21 +155,21 @@ def main(argv: list[str]) -> None:
     print(json.dumps({'seconds_per_token': seconds}))
     return
   megabytes = depth * hidden * 2 * hidden * 4 / 1e6
-  cores = os.cpu_count()
+  cores = len(os.sched_getaffinity(0))
   print(f'RHN recurrence at batch 1: depth {depth}, hidden {hidden}: {megabytes:.1f} MB of'
-        f' kernels a token; {cores} CPU cores; load average {os.getloadavg()[0]:.2f}')
+        f' kernels a token; {cores} CPU(s) for this process; load average'
+        f' {os.getloadavg()[0]:.2f}')
   r = kernels(depth, hidden)
-  read = median_seconds(lambda: r.sum(), repeats)
-  rows = [('read (NumPy sum, 1 thread)', read)]
-  rows.append(('numpy, 1 thread', numpy_in_subprocess(1)))
-  if cores and cores > 1:
+  rows = [('read (NumPy sum, 1 thread)', median_seconds(r.sum, repeats)),
+          ('numpy, 1 thread', numpy_in_subprocess(1))]
+  if cores > 1:
     rows.append((f'numpy, {cores} threads', numpy_in_subprocess(cores)))
   rows.append(('jaxlm rhn_scan (jit)', jaxlm_seconds(depth, hidden, tokens, repeats)))
-  print('\n| what | tokens/s | GB/s of kernels | PTB test (82,430 tokens) s |')
-  print('|---|---|---|---|')
-  for name, seconds in rows:
-    print(f'| {name} | {1 / seconds:,.0f} | {megabytes / 1e3 / seconds:.1f} |'
-          f' {PTB_TEST_TOKENS * seconds:.0f} |')
+  print_rows('what', rows, megabytes)
+  if _FORMULATIONS.value:
+    print_rows('the product written as (jit)', [
+        (name, formulation_seconds(name, depth, hidden, tokens, repeats))
+        for name in FORMULATIONS], megabytes)
 
 
 if __name__ == '__main__':

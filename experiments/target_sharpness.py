@@ -1,14 +1,16 @@
-"""How much the augmented loss's target distribution says: y~ = softmax(E u / tau) of trained runs.
+"""What the augmented loss's target y~ = softmax(E u / tau) says, for trained runs' E.
 
   python experiments/target_sharpness.py --workdirs=~/jaxlm-runs/ptb_small_real \
       --temperatures=20,10,5,2 --data_dir=../shared/data
 
-For each workdir's embedding E (its best checkpoint, or --checkpoint=latest) and each temperature, over the target words
-of the validation split (each word weighted by how often it is a target there; with no
---data_dir, every vocabulary word once): the mean entropy of y~ in nats, against log V for a
-uniform y~, and the mean probability y~ gives the target word itself. A y~ as flat as the
-uniform distribution carries no word similarity: the augmented loss then only pulls the
-model's tempered distribution toward uniform, like label smoothing. Prints a Markdown table.
+For each workdir's embedding E (its best checkpoint, or --checkpoint=latest) and each
+temperature, over the target words of the validation split (each word weighted by how often
+it is a target there; with no --data_dir, every vocabulary word once): the mean entropy of y~
+in nats, against log V for a uniform y~, and the mean probability y~ gives the target word
+itself; and the mean length of the word vectors, over the vocabulary and over the targets.
+A y~ as flat as the uniform distribution carries no word similarity: the augmented loss then
+only pulls the model's tempered distribution toward uniform, like label smoothing. Prints a
+Markdown table.
 """
 
 import os
@@ -44,7 +46,11 @@ def target_sharpness(embedding: np.ndarray, temperature: float,
     weights: [V], >= 0, not all 0: how much each word counts as a target.
   """
   vocab_size = embedding.shape[0]
-  weights = np.asarray(weights, np.float64) / np.sum(weights)
+  weights = np.asarray(weights, np.float64)
+  if weights.shape != (vocab_size,) or np.any(weights < 0) or not np.any(weights > 0):
+    raise ValueError(f'weights must be [{vocab_size}], >= 0 and not all 0, got shape'
+                     f' {weights.shape}')
+  weights = weights / np.sum(weights)
   log_target = jax.jit(losses.log_target_distribution, static_argnums=2)
   entropy = self_prob = 0.0
   for start in range(0, vocab_size, _CHUNK):
@@ -53,6 +59,16 @@ def target_sharpness(embedding: np.ndarray, temperature: float,
     entropy += weights[ids] @ -np.sum(np.exp(log_y) * log_y, axis=1)
     self_prob += weights[ids] @ np.exp(log_y[np.arange(len(ids)), ids])
   return float(entropy), float(self_prob)
+
+
+def target_counts(trained: inference.Trained, data_dir: str) -> np.ndarray:
+  """How often each word of the workdir's vocabulary is a target of the validation split: [V]."""
+  config = trained.config
+  corpus = data_lib.load_corpus(config.data.corpus, data_dir, config.data.tfds_dir)
+  if corpus.vocab != trained.vocab:
+    raise UserError(f'the model was trained on another corpus than {config.data.corpus!r} in'
+                    f' {data_dir}: pass the --data_dir it was trained on')
+  return np.bincount(corpus.splits['valid'][1:], minlength=len(trained.vocab))
 
 
 def main(argv: list[str]) -> None:
@@ -65,22 +81,20 @@ def main(argv: list[str]) -> None:
     raise UserError(f'--temperatures must be numbers, got {_TEMPERATURES.value}') from None
   if any(t <= 0 for t in temperatures):
     raise UserError(f'--temperatures must be > 0, got {temperatures}')
-  rows = ['| run | mean ‖E_w‖ | tau | entropy of y~ (nats) | log V | y~ of the word itself |',
-          '|---|---|---|---|---|---|']
+  rows = ['| run | mean ‖E_w‖ (vocabulary / targets) | tau | entropy of y~ (nats) | log V |'
+          ' y~ of the word itself |', '|---|---|---|---|---|---|']
   for workdir in _WORKDIRS.value:
     trained = inference.load_trained(os.path.expanduser(workdir), _CHECKPOINT.value)
     embedding = np.asarray(models.embedding_matrix(trained.params), np.float32)
-    vocab_size = embedding.shape[0]
-    weights = np.ones(vocab_size)
+    weights = np.ones(embedding.shape[0])
     if _DATA_DIR.value:
-      corpus = data_lib.load_corpus(trained.config.data.corpus, _DATA_DIR.value, None)
-      weights = np.bincount(corpus.splits['valid'][1:], minlength=vocab_size)
-    norm = np.mean(np.linalg.norm(embedding.astype(np.float64), axis=1))
+      weights = target_counts(trained, _DATA_DIR.value)
+    norms = np.linalg.norm(embedding.astype(np.float64), axis=1)
     name = os.path.basename(os.path.normpath(workdir))
     for tau in temperatures:
       entropy, self_prob = target_sharpness(embedding, tau, weights)
-      rows.append(f'| {name} | {norm:.2f} | {tau:g} | {entropy:.3f} | {np.log(vocab_size):.3f} |'
-                  f' {self_prob:.4f} |')
+      rows.append(f'| {name} | {norms.mean():.2f} / {norms @ weights / weights.sum():.2f} |'
+                  f' {tau:g} | {entropy:.3f} | {np.log(len(norms)):.3f} | {self_prob:.4f} |')
   print('\n'.join(rows))
 
 

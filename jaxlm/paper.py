@@ -6,6 +6,7 @@ the paper states. These are the paper's numbers, the targets a run is compared w
 """
 
 import dataclasses
+import math
 from typing import Optional
 
 import ml_collections
@@ -91,18 +92,35 @@ def match_row(config: ml_collections.ConfigDict) -> Optional[PaperRow]:
 
 def nearest_row(config: ml_collections.ConfigDict,
                 max_differences: int = 3) -> Optional[tuple[PaperRow, list[str]]]:
-  """The paper's row that `config` varies, and the recipe keys it changes; None if none is close.
+  """The paper's row that `config` varies, and the recipe keys it changes; None if none does.
 
-  The row of the same corpus and core with the fewest recipe differences, at most
-  `max_differences` (the first in table order on a tie); for an exact match, (row, []). A
-  derived key counts too: an override of `loss.temperature` also changes `loss.aug_weight`.
+  Candidates are the rows of the same corpus, core and variant (tied or not, augmented loss on
+  or off): a run with another variant is another model, not a variant of a row. Of those, the
+  one with the fewest recipe differences, at most `max_differences`; None on a tie. For an
+  exact match, (row, []). `loss.aug_weight` is neither counted nor listed when it is
+  gamma * temperature, as the configs derive it.
   """
-  candidates = [(recipe_differences(config, row), row) for row in ROWS
-                if (row.corpus, row.core) == (config.data.corpus, config.model.core)]
-  best = min(candidates, key=lambda c: len(c[0]), default=None)
-  if best is None or len(best[0]) > max_differences:
+  def changed(row: PaperRow) -> list[str]:
+    keys = recipe_differences(config, row)
+    loss = config.loss
+    if math.isclose(loss.aug_weight, loss.gamma * loss.temperature, rel_tol=1e-6):
+      keys = [k for k in keys if k != 'loss.aug_weight']
+    return keys
+
+  candidates = sorted(
+      ((changed(row), row) for row in ROWS if _variant(row.config()) == _variant(config)),
+      key=lambda c: len(c[0]))
+  if not candidates or len(candidates[0][0]) > max_differences:
     return None
-  return best[1], best[0]
+  if len(candidates) > 1 and len(candidates[1][0]) == len(candidates[0][0]):
+    return None
+  return candidates[0][1], candidates[0][0]
+
+
+def _variant(config: ml_collections.ConfigDict) -> tuple[str, str, bool, bool]:
+  """(corpus, core, tied, augmented loss on): what makes a run one of the paper's variants."""
+  return (config.data.corpus, config.model.core, bool(config.model.tied),
+          config.loss.gamma > 0 or config.loss.beta is not None)
 
 
 def find_row(corpus: str, core: str, arg: str) -> Optional[PaperRow]:

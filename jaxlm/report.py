@@ -6,9 +6,9 @@ reads each workdir under --runs (a folder holding `config.json` and `metrics.jso
 depth) and writes to --out:
 - `report.md`: one row per run: the paper's row it trains (`paper.match_row`) or, for a run
   that changes a few of a row's recipe keys (an ablation), that row and the changed keys
-  (`paper.nearest_row`); the paper's validation/test perplexity, ours (the best parameters at batch 1 for a finished run; the
-  latest validation for one in progress), the differences in %, parameters, epochs done and
-  planned, training time and tokens/s, the machine;
+  (`paper.nearest_row`); the paper's validation/test perplexity, ours (the best parameters
+  at batch 1 for a finished run; the latest validation for one in progress), the differences
+  in %, parameters, epochs done and planned, training time and tokens/s, the machine;
 - `valid_CORPUS_SIZE.png`: validation perplexity per epoch of the variants of one size on one
   plot (the layout of the paper's Figure 2), the paper's final validation numbers dashed.
 
@@ -65,6 +65,7 @@ class Run:
 
   @property
   def row_description(self) -> str:
+    """The report's "paper row" cell: the row's config, or what this run changes in one."""
     if self.row:
       return self.row.config_arg
     if self.variant_of:

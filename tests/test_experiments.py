@@ -3,6 +3,7 @@
 import importlib.util
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO
 
@@ -14,10 +15,11 @@ def load_script(name):
   return module
 
 
-def test_target_sharpness_of_orthogonal_word_vectors():
+def test_target_sharpness_of_orthogonal_word_vectors(monkeypatch):
   # Orthogonal rows of norms r_w: y~ for word w puts e^(r_w^2 / tau) / (e^(r_w^2 / tau) + V - 1)
   # on w and 1 / (e^(r_w^2 / tau) + V - 1) on each other word.
   sharpness = load_script('target_sharpness')
+  monkeypatch.setattr(sharpness, '_CHUNK', 4)  # y~ in two chunks of rows, the second partial
   norms = np.array([0.5, 1.0, 2.0, 3.0, 4.0, 0.0])
   embedding = np.diag(norms).astype(np.float32)
   weights = np.array([1.0, 0.0, 2.0, 1.0, 3.0, 1.0])
@@ -34,3 +36,5 @@ def test_target_sharpness_of_orthogonal_word_vectors():
   only_zero = np.eye(vocab)[-1]
   np.testing.assert_allclose(sharpness.target_sharpness(embedding, tau, only_zero),
                              (np.log(vocab), 1 / vocab), rtol=1e-6)
+  with pytest.raises(ValueError, match='not all 0'):
+    sharpness.target_sharpness(embedding, tau, np.zeros(vocab))

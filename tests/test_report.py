@@ -83,8 +83,7 @@ def test_report_table_compares_each_run_with_its_paper_row(runs, tmp_path):
     final = [json.loads(l) for l in (runs / name / 'metrics.jsonl').read_text().splitlines()][-1]
     assert tiny['ours val / test'] == f'{final["valid_ppl"]:.1f} / {final["test_ppl"]:.1f}'
   variant = cells(text, 'ptb_small_real_tau2')
-  assert variant['paper row'] == ('variant of configs/ptb_lstm.py:small,real:'
-                                  ' loss.aug_weight=1.0, loss.temperature=2.0')
+  assert variant['paper row'] == 'variant of configs/ptb_lstm.py:small,real: loss.temperature=2.0'
   assert variant['paper val / test'] == '86.3 / 82.7'
   assert variant['difference'] == '+5.0% / +2.0%'  # 90.6 / 86.3 and 84.35 / 82.7
   progress = cells(text, 'more/tiny_in_progress')
@@ -125,15 +124,31 @@ def test_match_row_ignores_how_a_run_is_computed_but_not_its_recipe():
       'dropout.input', 'dropout.output', 'dropout.state']
 
 
-def test_nearest_row_names_the_row_a_run_varies_and_what_it_changes():
+def test_nearest_row_names_the_row_a_run_varies_and_what_it_changes(monkeypatch):
   real = paper.find_row('ptb', 'lstm', 'small,real')
   assert paper.nearest_row(real.config()) == (real, [])
   c = config_lib.lstm_config('ptb', 'small,real')
-  c.loss.temperature = 5.0
-  assert paper.nearest_row(c) == (real, ['loss.aug_weight', 'loss.temperature'])
+  c.loss.temperature = 5.0  # alpha = gamma * tau follows, and is not listed
+  assert paper.nearest_row(c) == (real, ['loss.temperature'])
   c.loss.stop_target_gradient = True
-  assert paper.nearest_row(c) == (real, ['loss.aug_weight', 'loss.stop_target_gradient',
-                                          'loss.temperature'])
-  c.optim.clip_norm = 1.0  # a fourth change: no longer a variant of any row
+  assert paper.nearest_row(c) == (real, ['loss.stop_target_gradient', 'loss.temperature'])
+  c.optim.clip_norm = 1.0
+  assert paper.nearest_row(c) == (real, ['loss.stop_target_gradient', 'loss.temperature',
+                                          'optim.clip_norm'])
+  c.optim.learning_rate = 0.5  # a fourth change: no longer a variant of any row
   assert paper.nearest_row(c) is None
+  # alpha set directly, against gamma * tau: a change of its own.
+  c = config_lib.lstm_config('ptb', 'small,real')
+  c.loss.aug_weight = 3.0
+  assert paper.nearest_row(c) == (real, ['loss.aug_weight'])
+  # Another variant of the model is not a variant of a row: the RHN with the augmented loss
+  # (the paper has only the tied RHN), WikiText-2's untied baseline (not in the paper's table).
+  assert paper.nearest_row(config_lib.rhn_config('ptb', 'real')) is None
+  assert paper.nearest_row(config_lib.lstm_config('wikitext2', 'small,baseline')) is None
   assert paper.nearest_row(config_lib.tiny_config('real')) is None  # no row of its corpus
+  # Two rows equally near: ambiguous, so none.
+  twin = paper.PaperRow('ptb', 'lstm', 'small,real', 1.0, 1.0)
+  monkeypatch.setattr(paper, 'ROWS', (real, twin))
+  c = config_lib.lstm_config('ptb', 'small,real')
+  c.loss.temperature = 5.0
+  assert paper.nearest_row(c) is None
