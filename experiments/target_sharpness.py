@@ -18,7 +18,6 @@ import sys
 
 from absl import app
 from absl import flags
-import jax
 import numpy as np
 
 from jaxlm import inference
@@ -33,32 +32,6 @@ _DATA_DIR = flags.DEFINE_string(
     'data_dir', None, 'Corpus folder: weight each word by its count as a validation target.')
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', inference.CHECKPOINTS,
                                 'Which parameters of each workdir.')
-_CHUNK = 500  # rows of y~ at a time: [500, V] floats
-
-
-def target_sharpness(embedding: np.ndarray, temperature: float,
-                     weights: np.ndarray) -> tuple[float, float]:
-  """(mean entropy of y~ in nats, mean y~ of the word itself), weighted over the vocabulary.
-
-  Args:
-    embedding: E, [V, d].
-    temperature: tau > 0.
-    weights: [V], >= 0, not all 0: how much each word counts as a target.
-  """
-  vocab_size = embedding.shape[0]
-  weights = np.asarray(weights, np.float64)
-  if weights.shape != (vocab_size,) or np.any(weights < 0) or not np.any(weights > 0):
-    raise ValueError(f'weights must be [{vocab_size}], >= 0 and not all 0, got shape'
-                     f' {weights.shape}')
-  weights = weights / np.sum(weights)
-  log_target = jax.jit(losses.log_target_distribution, static_argnums=2)
-  entropy = self_prob = 0.0
-  for start in range(0, vocab_size, _CHUNK):
-    ids = np.arange(start, min(start + _CHUNK, vocab_size))
-    log_y = np.asarray(log_target(embedding, ids, temperature), np.float64)  # [chunk, V]
-    entropy += weights[ids] @ -np.sum(np.exp(log_y) * log_y, axis=1)
-    self_prob += weights[ids] @ np.exp(log_y[np.arange(len(ids)), ids])
-  return float(entropy), float(self_prob)
 
 
 def target_counts(trained: inference.Trained, data_dir: str) -> np.ndarray:
@@ -92,7 +65,7 @@ def main(argv: list[str]) -> None:
     norms = np.linalg.norm(embedding.astype(np.float64), axis=1)
     name = os.path.basename(os.path.normpath(workdir))
     for tau in temperatures:
-      entropy, self_prob = target_sharpness(embedding, tau, weights)
+      entropy, self_prob = losses.target_sharpness(embedding, tau, weights)
       rows.append(f'| {name} | {norms.mean():.2f} / {norms @ weights / weights.sum():.2f} |'
                   f' {tau:g} | {entropy:.3f} | {np.log(len(norms)):.3f} | {self_prob:.4f} |')
   print('\n'.join(rows))

@@ -8,10 +8,11 @@ distribution only for the distinct targets. Tests hold the two to each other.
 """
 
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 REDUCTIONS = ('sum_over_time', 'mean')
 
@@ -61,6 +62,38 @@ def log_target_distribution(embedding: jax.Array, targets: jax.Array,
   """log y~ = log softmax(E u / tau) with u = E[target]: int [...] -> float32 [..., V]."""
   embedding = _f32(embedding)
   return jax.nn.log_softmax(embedding[targets] @ embedding.T / temperature, axis=-1)
+
+
+def target_sharpness(embedding: Any, temperature: float, weights: Any,
+                     chunk: int = 500) -> tuple[float, float]:
+  """How much y~ says: (mean entropy of y~ in nats, mean y~ of the word itself).
+
+  A diagnostic of trained word vectors (`experiments/target_sharpness.py`): each word's y~ at
+  `temperature`, weighted by `weights` [V] (>= 0, not all 0; e.g. how often each word is a
+  target). A uniform y~ gives (log V, 1 / V). Computed `chunk` words at a time ([chunk, V]).
+
+  Args:
+    embedding: E, [V, d].
+    temperature: tau > 0.
+    weights: [V].
+    chunk: words per jitted call.
+  """
+  vocab_size = embedding.shape[0]
+  weights = np.asarray(weights, np.float64)
+  if weights.shape != (vocab_size,) or np.any(weights < 0) or not np.any(weights > 0):
+    raise ValueError(f'weights must be [{vocab_size}], >= 0 and not all 0, got shape'
+                     f' {weights.shape}')
+  weights = weights / np.sum(weights)
+  entropy = self_prob = 0.0
+  for start in range(0, vocab_size, chunk):
+    ids = np.arange(start, min(start + chunk, vocab_size))
+    log_y = np.asarray(_log_target_jit(embedding, ids, temperature), np.float64)  # [chunk, V]
+    entropy += weights[ids] @ -np.sum(np.exp(log_y) * log_y, axis=1)
+    self_prob += weights[ids] @ np.exp(log_y[np.arange(len(ids)), ids])
+  return float(entropy), float(self_prob)
+
+
+_log_target_jit = jax.jit(log_target_distribution, static_argnums=2)
 
 
 def distinct_targets(targets: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:

@@ -109,3 +109,27 @@ def test_reduce_tokens():
 def test_l2_penalty():
   params = {'a': np.ones((2, 3), np.float32), 'b': {'c': np.full((4,), 2.0, np.float32)}}
   assert losses.l2_penalty(params) == pytest.approx((6 + 16) / 2)
+
+
+def test_target_sharpness_of_orthogonal_word_vectors():
+  # Orthogonal rows of norms r_w: y~ for word w puts e^(r_w^2 / tau) / (e^(r_w^2 / tau) + V - 1)
+  # on w and 1 / (e^(r_w^2 / tau) + V - 1) on each other word.
+  norms = np.array([0.5, 1.0, 2.0, 3.0, 4.0, 0.0])
+  embedding = np.diag(norms).astype(np.float32)
+  weights = np.array([1.0, 0.0, 2.0, 1.0, 3.0, 1.0])
+  vocab, tau = len(norms), 4.0
+  e = np.exp(norms**2 / tau)
+  self_prob = e / (e + vocab - 1)
+  other = 1 / (e + vocab - 1)
+  entropy = -self_prob * np.log(self_prob) - (vocab - 1) * other * np.log(other)
+  w = weights / weights.sum()
+  # chunk=4: y~ in two calls, the second partial.
+  got_entropy, got_self = losses.target_sharpness(embedding, tau, weights, chunk=4)
+  np.testing.assert_allclose(got_entropy, w @ entropy, rtol=1e-5)
+  np.testing.assert_allclose(got_self, w @ self_prob, rtol=1e-5)
+  # A zero vector's y~ is uniform: entropy log V, and 1 / V on itself.
+  only_zero = np.eye(vocab)[-1]
+  np.testing.assert_allclose(losses.target_sharpness(embedding, tau, only_zero),
+                             (np.log(vocab), 1 / vocab), rtol=1e-6)
+  with pytest.raises(ValueError, match='not all 0'):
+    losses.target_sharpness(embedding, tau, np.zeros(vocab))
