@@ -98,10 +98,11 @@ def formulation_seconds(name: str, depth: int, hidden: int, tokens: int,
     ks = [jnp.asarray(k.T) for k in r]  # [2 * hidden, hidden]
   else:  # column blocks, made outside jit: a slice inside the loop copies the kernel
     ks = [[jnp.asarray(b) for b in np.split(k, blocks, axis=1)] for k in r]
+  by_blocks = lambda s, k: jnp.concatenate([s @ b for b in k], axis=-1)
   product = {
-      'dot': lambda s, k: s @ k[0],
-      'two dots': lambda s, k: jnp.concatenate([s @ b for b in k], axis=-1),
-      'four dots': lambda s, k: jnp.concatenate([s @ b for b in k], axis=-1),
+      'dot': by_blocks,  # one block
+      'two dots': by_blocks,
+      'four dots': by_blocks,
       'transposed dot': lambda s, k: (k @ s[0])[None],
       'multiply-sum': lambda s, k: jnp.sum(s[0][:, None] * k[0], axis=0)[None],
       'transposed multiply-sum': lambda s, k: jnp.sum(k * s, axis=1)[None],
