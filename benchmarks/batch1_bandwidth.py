@@ -6,7 +6,9 @@ At batch 1, every token multiplies a [1, hidden] state by each micro-layer's [hi
 2 * hidden] kernel: depth * hidden * 2 * hidden floats (55 MB for the PTB RHN), more than a
 CPU's cache holds, so each token reads them all from memory. This prints tokens/s and the
 memory traffic that makes for:
-- `jaxlm`: `models.rhn.rhn_scan` (the evaluation's recurrence) under jit, batch 1, no dropout;
+- `jaxlm`: `models.rhn.rhn_scan` (the evaluation's recurrence) under jit, batch 1, no dropout,
+  its products through `jaxlm.cpu_matvec` (threaded), and in a subprocess with
+  `JAXLM_CPU_MATVEC=0` through XLA's dot (one thread);
 - `numpy, N threads`: the same products chained through NumPy's BLAS (the same kernels, in
   a subprocess with OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS = N): what
   one thread and every thread of this process's CPUs reach (the elementwise steps run in
@@ -35,7 +37,8 @@ _DEPTH = flags.DEFINE_integer('depth', 10, 'Micro-layers per step.')
 _TOKENS = flags.DEFINE_integer('tokens', 1024, 'Tokens per timed pass.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed passes; the median is printed.')
 _FORMULATIONS = flags.DEFINE_bool('formulations', False, 'Also time other ways to write it.')
-_NUMPY_WORKER = flags.DEFINE_bool('numpy_worker', False, 'Internal: run the NumPy chain only.')
+_WORKER = flags.DEFINE_enum('worker', '', ['', 'numpy', 'jaxlm'],
+                            'Internal: time only this chain and print its seconds a token.')
 PTB_TEST_TOKENS = 82_430
 
 
@@ -127,17 +130,21 @@ FORMULATIONS = ('dot', 'two dots', 'four dots', 'transposed dot', 'multiply-sum'
                 'transposed multiply-sum')
 
 
+def in_subprocess(worker: str, **env: str) -> float:
+  """Seconds a token of `worker`'s chain ('numpy' or 'jaxlm'), timed in a child process."""
+  out = subprocess.run(
+      [sys.executable, __file__, f'--worker={worker}', f'--hidden={_HIDDEN.value}',
+       f'--depth={_DEPTH.value}', f'--tokens={_TOKENS.value}', f'--repeats={_REPEATS.value}'],
+      env=dict(os.environ, **env), capture_output=True, text=True, check=False)
+  if out.returncode:
+    raise RuntimeError(f'the {worker} child with {env} failed:\n{out.stderr}')
+  return json.loads(out.stdout.strip().splitlines()[-1])['seconds_per_token']
+
+
 def numpy_in_subprocess(threads: int) -> float:
   """`numpy_chain_seconds` in a child process whose BLAS uses `threads` threads."""
-  env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-             MKL_NUM_THREADS=str(threads))
-  out = subprocess.run(
-      [sys.executable, __file__, '--numpy_worker', f'--hidden={_HIDDEN.value}',
-       f'--depth={_DEPTH.value}', f'--tokens={_TOKENS.value}', f'--repeats={_REPEATS.value}'],
-      env=env, capture_output=True, text=True, check=False)
-  if out.returncode:
-    raise RuntimeError(f'the NumPy child with {threads} threads failed:\n{out.stderr}')
-  return json.loads(out.stdout.strip().splitlines()[-1])['seconds_per_token']
+  return in_subprocess('numpy', OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+                       MKL_NUM_THREADS=str(threads))
 
 
 def print_rows(header: str, rows: list[tuple[str, float]], megabytes: float) -> None:
@@ -151,9 +158,9 @@ def print_rows(header: str, rows: list[tuple[str, float]], megabytes: float) -> 
 def main(argv: list[str]) -> None:
   del argv
   depth, hidden, tokens, repeats = _DEPTH.value, _HIDDEN.value, _TOKENS.value, _REPEATS.value
-  if _NUMPY_WORKER.value:
-    seconds = numpy_chain_seconds(depth, hidden, tokens, repeats)
-    print(json.dumps({'seconds_per_token': seconds}))
+  if _WORKER.value:
+    chain = {'numpy': numpy_chain_seconds, 'jaxlm': jaxlm_seconds}[_WORKER.value]
+    print(json.dumps({'seconds_per_token': chain(depth, hidden, tokens, repeats)}))
     return
   megabytes = depth * hidden * 2 * hidden * 4 / 1e6
   cores = len(os.sched_getaffinity(0))
@@ -165,7 +172,13 @@ def main(argv: list[str]) -> None:
           ('numpy, 1 thread', numpy_in_subprocess(1))]
   if cores > 1:
     rows.append((f'numpy, {cores} threads', numpy_in_subprocess(cores)))
-  rows.append(('jaxlm rhn_scan (jit)', jaxlm_seconds(depth, hidden, tokens, repeats)))
+  rows.append(('jaxlm rhn_scan (jit), XLA dot', in_subprocess('jaxlm', JAXLM_CPU_MATVEC='0')))
+  from jaxlm import cpu_matvec  # pylint: disable=g-import-not-at-top
+  if cpu_matvec.enabled():
+    rows.append((f'jaxlm rhn_scan (jit), cpu_matvec, {cpu_matvec.threads()} threads',
+                 jaxlm_seconds(depth, hidden, tokens, repeats)))
+  else:
+    print('jaxlm.cpu_matvec is not available here (see the warning above)')
   print_rows('what', rows, megabytes)
   if _FORMULATIONS.value:
     print_rows('the product written as (jit)', [
