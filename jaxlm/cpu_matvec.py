@@ -62,18 +62,19 @@ def build(compiler: str, directory: str) -> str:
   Raises:
     BuildError: the compiler is missing or failed.
   """
-  command = [compiler, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-pthread',
-             '-isystem', jax.ffi.include_dir()]
+  if shutil.which(compiler) is None:
+    raise BuildError(f'no C++ compiler {compiler!r} found (set $CXX to one)')
+  command = [compiler, '-O3', '-march=native', '-ffp-contract=off', '-std=c++17', '-shared',
+             '-fPIC', '-pthread', '-isystem', jax.ffi.include_dir()]
+  version = subprocess.run([compiler, '--version'], capture_output=True, text=True).stdout
   with open(SOURCE, 'rb') as f:
     source = f.read()
   key = hashlib.sha256(b'\0'.join([
       source, ' '.join(command).encode(), jaxlib.__version__.encode(), _cpu_id().encode(),
-      (shutil.which(compiler) or compiler).encode()])).hexdigest()[:16]
+      shutil.which(compiler).encode(), version.encode()])).hexdigest()[:16]
   path = os.path.join(directory, f'matvec-{key}.so')
   if os.path.exists(path):
     return path
-  if shutil.which(compiler) is None:
-    raise BuildError(f'no C++ compiler {compiler!r} found (set $CXX to one)')
   os.makedirs(directory, exist_ok=True)
   # Compiled to a temporary name and renamed: processes building at once never load half a file.
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
@@ -82,6 +83,7 @@ def build(compiler: str, directory: str) -> str:
     result = subprocess.run(command + [SOURCE, '-o', tmp], capture_output=True, text=True)
     if result.returncode != 0:
       raise BuildError(f'{compiler} failed on {SOURCE}: {result.stderr.strip()[-2000:]}')
+    os.chmod(tmp, 0o755)  # mkstemp made it 0600; the cache may be shared
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -112,7 +114,8 @@ def enabled() -> bool:
 def threads() -> int:
   """How many threads share a product: $JAXLM_CPU_MATVEC_THREADS, else this process's CPUs.
 
-  Read once per process: the library's team of threads is made at the first product.
+  Read when a product is traced; the library's team of threads is made at the first product
+  that runs, at that size, and later products use at most that many threads.
   """
   if os.environ.get('JAXLM_CPU_MATVEC_THREADS'):
     return max(1, int(os.environ['JAXLM_CPU_MATVEC_THREADS']))
@@ -127,13 +130,14 @@ def _threaded(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 @jax.custom_jvp
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x [rows, K] @ kernel [K, N] -> [rows, N], float32; threaded on the CPU if `enabled()`.
+  """x [rows, K] @ kernel [K, N] -> [rows, N]; threaded on the CPU if `enabled()` and both are
+  float32 (else XLA's dot).
 
   Meant for a few rows (a batch-1 recurrence): every thread reads its columns of the kernel
   once per call and multiplies all rows by them. Differentiable (forward and reverse); the
   derivatives use XLA's dot.
   """
-  if not enabled():
+  if not enabled() or x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
     return jnp.matmul(x, kernel)
   return jax.lax.platform_dependent(x, kernel, cpu=_threaded, default=jnp.matmul)
 

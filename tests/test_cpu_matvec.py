@@ -72,6 +72,11 @@ def test_derivatives_match_float64():
                              rtol=1e-4, atol=1e-4)
 
 
+on_cpu = pytest.mark.skipif(jax.default_backend() != 'cpu',
+                            reason='compute_matmul routes through cpu_matvec on a CPU host only')
+
+
+@on_cpu
 def test_compute_matmul_routes_one_float32_row_only():
   w = jnp.asarray(random((40, 200), 10))
   text = lambda x, w: jax.jit(common.compute_matmul).lower(x, w).as_text()
@@ -81,41 +86,71 @@ def test_compute_matmul_routes_one_float32_row_only():
     assert cpu_matvec.TARGET not in text(jnp.ones((1, 40), jnp.float64), w.astype(jnp.float64))
 
 
+SHAPES = ((1, 300, 4000), (3, 300, 1661), (1, 830, 1660))  # rows, K, N
+
+
+def inputs():
+  """x [rows, K] and W [K, N] for each of SHAPES, the same in every process."""
+  rng = np.random.default_rng(11)
+  return [(rng.uniform(-1, 1, (rows, k)).astype(np.float32),
+           rng.uniform(-1, 1, (k, n)).astype(np.float32)) for rows, k, n in SHAPES]
+
+
+# Each product of `inputs()`, then the last one 25 times from each of four Python threads at
+# once (calls that find the team busy run on one thread): prints whether the library is built
+# and how many of those repeats differed from the first result in any bit.
 _PRODUCT = textwrap.dedent('''
     import sys
+    import threading
+    import jax
     import numpy as np
     from jaxlm import cpu_matvec
-    rng = np.random.default_rng(11)
-    x = rng.uniform(-1, 1, (1, 300)).astype(np.float32)
-    w = rng.uniform(-1, 1, (300, 4000)).astype(np.float32)
-    print(cpu_matvec.enabled())
-    np.save(sys.argv[1], np.asarray(cpu_matvec.matmul(x, w)))
+    from tests.test_cpu_matvec import inputs
+    product = jax.jit(cpu_matvec.matmul)
+    cases = inputs()
+    outs = [np.asarray(product(x, w)) for x, w in cases]
+    differing = []
+    def repeat():
+      for _ in range(25):
+        differing.append(not np.array_equal(np.asarray(product(*cases[-1])), outs[-1]))
+    threads = [threading.Thread(target=repeat) for _ in range(4)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    print(cpu_matvec.enabled(), sum(differing))
+    np.savez(sys.argv[1], *outs)
 ''')
 
 
-def run_product(tmp_path, name, **env):
-  out = tmp_path / f'{name}.npy'
+def run_products(tmp_path, name, **env):
+  """Runs _PRODUCT in a fresh process: (built, repeats that differed, the products, stderr)."""
+  out = tmp_path / f'{name}.npz'
   result = subprocess.run([sys.executable, '-c', _PRODUCT, str(out)], cwd=REPO, text=True,
                           capture_output=True, env={**os.environ, **env}, timeout=300)
   assert result.returncode == 0, result.stderr
-  return result.stdout.split()[-1] == 'True', np.load(out), result.stderr
+  built, differing = result.stdout.split()[-2:]
+  with np.load(out) as products:
+    return built == 'True', int(differing), [products[f'arr_{i}'] for i in range(len(SHAPES))], \
+        result.stderr
 
 
 def test_result_does_not_depend_on_the_thread_count(tmp_path):
-  built, threaded, _ = run_product(tmp_path, 'threaded', JAXLM_CPU_MATVEC_THREADS='3')
-  built_one, single, _ = run_product(tmp_path, 'single', JAXLM_CPU_MATVEC_THREADS='1')
-  assert built and built_one
-  np.testing.assert_array_equal(threaded, single)
+  built, differing, threaded, _ = run_products(tmp_path, 'threaded', JAXLM_CPU_MATVEC_THREADS='3')
+  built_one, differing_one, single, _ = run_products(tmp_path, 'single',
+                                                      JAXLM_CPU_MATVEC_THREADS='1')
+  assert built and built_one and differing == differing_one == 0
+  for (x, w), a, b in zip(inputs(), threaded, single):
+    np.testing.assert_array_equal(a, b)
+    assert_product_close(a, x, w)
 
 
 def test_without_a_compiler_it_warns_and_uses_xla(tmp_path):
-  built, got, stderr = run_product(tmp_path, 'fallback', CXX=str(tmp_path / 'no-such-c++'),
-                                   JAXLM_CACHE_DIR=str(tmp_path / 'cache'))
-  assert not built
+  built, differing, products, stderr = run_products(
+      tmp_path, 'fallback', CXX=str(tmp_path / 'no-such-c++'),
+      JAXLM_CACHE_DIR=str(tmp_path / 'cache'))
+  assert not built and differing == 0
   assert 'threaded CPU matvec is not available' in stderr and 'no-such-c++' in stderr
-  rng = np.random.default_rng(11)
-  x = rng.uniform(-1, 1, (1, 300)).astype(np.float32)
-  assert_product_close(got, x, rng.uniform(-1, 1, (300, 4000)).astype(np.float32))
+  for (x, w), got in zip(inputs(), products):
+    assert_product_close(got, x, w)
 
 
 def test_build_is_cached_and_reports_compiler_errors(tmp_path):
@@ -135,6 +170,7 @@ def test_build_is_cached_and_reports_compiler_errors(tmp_path):
   assert os.listdir(tmp_path / 'other') == []
 
 
+@on_cpu
 @pytest.mark.parametrize('separate', [False, True])
 def test_rhn_at_batch_one_matches_numpy(separate):
   """A batch-1 RHN layer wide enough for the product to be split over threads."""

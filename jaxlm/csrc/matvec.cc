@@ -3,11 +3,12 @@
 // XLA:CPU runs a [1, K] x [K, N] dot on one thread. When W does not fit in the cache (the
 // RHN's ten [830, 1660] kernels are 55 MB a token at batch 1) that product is bound by the
 // memory bandwidth one core draws, and more cores streaming parts of W draw more. XLA's
-// intra-op pool wakes its threads too slowly for products of a few hundred microseconds, so
-// this keeps its own team of workers, which spin for a while between products and then
-// sleep. The team is made at the first call with `max_threads` threads, the calling thread
-// included; later calls use at most that many. Each output column is summed over k in order by one thread whatever the thread count, so
-// the result does not depend on the number of threads.
+// intra-op pool woke its threads too slowly for products of a few hundred microseconds, so
+// this keeps its own team of threads, which spin for 0.5 ms after a product and then sleep.
+// The team is made at the first call with `max_threads` threads, the calling thread
+// included; later calls use at most that many. Each output column is summed over k in order
+// by one thread, and the library is built with -ffp-contract=off (no fused multiply-adds in
+// some loops and not others), so the result does not depend on the number of threads.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -16,8 +17,11 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -69,11 +73,28 @@ void Columns(const float* __restrict x, const float* __restrict w, float* __rest
   }
 }
 
-// Workers 1..size-1 run task(i) each time Run is called; the caller runs task(0).
+inline void Pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Each Run, the caller and the size - 1 workers share out `blocks` calls of a task: each takes
+// the next block not yet taken (an atomic counter), so a worker that wakes late or is
+// descheduled holds up only the blocks it took. Run returns when every worker has finished.
 class Team {
  public:
-  explicit Team(int size) {
-    for (int i = 1; i < size; ++i) threads_.emplace_back([this, i] { Work(i); });
+  // Starts size - 1 threads, fewer if the system refuses more.
+  explicit Team(int size) : pid_(getpid()) {
+    for (int i = 1; i < size; ++i) {
+      try {
+        threads_.emplace_back([this] { Work(); });
+      } catch (const std::system_error&) {
+        break;
+      }
+    }
   }
   ~Team() {
     stop_.store(true);
@@ -83,30 +104,37 @@ class Team {
     for (auto& t : threads_) t.join();
   }
   int size() const { return static_cast<int>(threads_.size()) + 1; }
+  pid_t pid() const { return pid_; }
 
-  // Not reentrant: one caller at a time (see `busy`).
-  void Run(const std::function<void(int)>& task) {
-    task_ = &task;
+  // One caller at a time (see `busy`).
+  void Run(int64_t blocks, const std::function<void(int64_t)>& task) {
+    task_ = &task;  // published to the workers by the increment of generation_
+    blocks_ = blocks;
+    next_.store(0, std::memory_order_relaxed);
     pending_.store(size() - 1);
     generation_.fetch_add(1);  // seq_cst: a worker going to sleep sees it, or we see it
     if (sleepers_.load() > 0) {
       { std::lock_guard<std::mutex> lock(mu_); }
       cv_.notify_all();
     }
-    task(0);
-    while (pending_.load(std::memory_order_acquire) != 0) {
-    }
+    Share();
+    while (pending_.load(std::memory_order_acquire) != 0) Pause();
   }
 
   std::mutex busy;  // held by the caller of Run
 
  private:
-  void Work(int index) {
+  void Share() {
+    for (int64_t b; (b = next_.fetch_add(1, std::memory_order_relaxed)) < blocks_;) (*task_)(b);
+  }
+
+  void Work() {
     uint64_t seen = 0;
     while (true) {
       const auto start = std::chrono::steady_clock::now();
       int64_t spins = 0;
       while (generation_.load(std::memory_order_acquire) == seen) {
+        Pause();
         if (++spins % 1024 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
           std::unique_lock<std::mutex> lock(mu_);
           sleepers_.fetch_add(1);
@@ -116,35 +144,50 @@ class Team {
       }
       seen = generation_.load();
       if (stop_.load()) return;
-      (*task_)(index);
+      Share();
       pending_.fetch_sub(1, std::memory_order_release);
     }
   }
 
+  const pid_t pid_;
   std::vector<std::thread> threads_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> next_{0};
   std::atomic<int> pending_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
-  const std::function<void(int)>* task_ = nullptr;
+  const std::function<void(int64_t)>* task_ = nullptr;
+  int64_t blocks_ = 0;
 };
 
-Team& GetTeam(int64_t size) {
-  // Made once, at the size the first call asks for; never destroyed (its threads
-  // would otherwise be joined during static destruction, after XLA may have gone).
-  static Team* team = new Team(static_cast<int>(std::max<int64_t>(1, size)));
-  return *team;
+// The process's team, made at the size the first call asks for (later calls use at most that
+// many threads), and made again in a child after fork(), which has none of the parent's
+// threads. Never destroyed: its threads would be joined during static destruction, after XLA
+// may have gone.
+Team* GetTeam(int64_t size) {
+  static std::atomic<Team*> team{nullptr};
+  Team* current = team.load(std::memory_order_acquire);
+  if (current != nullptr && current->pid() == getpid()) return current;
+  Team* fresh = new Team(static_cast<int>(std::max<int64_t>(1, size)));
+  if (team.compare_exchange_strong(current, fresh)) return fresh;  // the old one is leaked
+  delete fresh;  // another thread made one first
+  return current;
 }
 
 ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                       ffi::ResultBuffer<ffi::F32> y, int64_t max_threads) {
   const auto x_dims = x.dimensions();
   const auto w_dims = w.dimensions();
+  const auto y_dims = y->dimensions();
   if (w_dims.size() != 2 || x_dims.size() < 1 || x_dims.back() != w_dims[0]) {
     return ffi::Error::InvalidArgument("jaxlm_matvec: expected x [..., K] and W [K, N]");
   }
+  bool y_ok = y_dims.size() == x_dims.size() && y_dims.back() == w_dims[1];
+  for (size_t i = 0; y_ok && i + 1 < x_dims.size(); ++i) y_ok = y_dims[i] == x_dims[i];
+  if (!y_ok) return ffi::Error::InvalidArgument("jaxlm_matvec: y must be [..., N]");
+  if (max_threads < 1) return ffi::Error::InvalidArgument("jaxlm_matvec: max_threads < 1");
   const int64_t k_size = w_dims[0], n_size = w_dims[1];
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < x_dims.size(); ++i) rows *= x_dims[i];
@@ -152,18 +195,18 @@ ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
 
-  Team& team = GetTeam(max_threads);
-  const int64_t pieces = std::min<int64_t>(std::min<int64_t>(team.size(), max_threads),
+  Team* team = GetTeam(max_threads);
+  const int64_t pieces = std::min<int64_t>(std::min<int64_t>(team->size(), max_threads),
                                            std::max<int64_t>(1, n_size / kMinColumns));
-  std::unique_lock<std::mutex> lock(team.busy, std::try_to_lock);
-  if (pieces == 1 || !lock.owns_lock()) {
+  std::unique_lock<std::mutex> lock(team->busy, std::try_to_lock);
+  if (pieces == 1 || !lock.owns_lock()) {  // one thread, or another call has the team
     Columns(xp, wp, yp, rows, k_size, n_size, 0, n_size);
     return ffi::Error::Success();
   }
   int64_t chunk = (n_size + pieces - 1) / pieces;
   chunk = (chunk + kAlign - 1) / kAlign * kAlign;
-  team.Run([&](int i) {
-    const int64_t c0 = std::min(n_size, i * chunk), c1 = std::min(n_size, c0 + chunk);
+  team->Run(pieces, [&](int64_t block) {
+    const int64_t c0 = std::min(n_size, block * chunk), c1 = std::min(n_size, c0 + chunk);
     if (c0 < c1) Columns(xp, wp, yp, rows, k_size, n_size, c0, c1);
   });
   return ffi::Error::Success();
