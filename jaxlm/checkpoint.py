@@ -17,11 +17,13 @@ one warning and the one before it is used.
 
 import inspect
 import json
+import logging as std_logging
 import os
 import re
 import sys
 import tempfile
 import threading
+import traceback
 from typing import Any, Optional
 
 from absl import logging
@@ -432,9 +434,10 @@ def ignore_abandoned_io() -> None:
   """Keeps the reads and writes a failed restore or save abandoned from printing tracebacks.
 
   Orbax stops at the first array that fails and closes its event loop; the other reads and
-  writes then fail too, at any later time: as 'unraisable' exceptions (orbax's coroutines) or
-  through sys.excepthook in TensorStore's threads (its callbacks into the closed loop). The
-  failure is reported already: drop those.
+  writes then fail too, at any later time: as 'unraisable' exceptions (orbax's coroutines),
+  through sys.excepthook in TensorStore's threads (its callbacks into the closed loop), or as
+  asyncio's "Task exception was never retrieved" log line when an abandoned orbax task is
+  collected. The failure is reported already: drop those.
   """
   global _abandoned_io_ignored
   if _abandoned_io_ignored:
@@ -456,7 +459,17 @@ def ignore_abandoned_io() -> None:
       previous_except(kind, error, tb)
 
   sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+  std_logging.getLogger('asyncio').addFilter(_not_an_abandoned_orbax_task)
   _abandoned_io_ignored = True
+
+
+def _not_an_abandoned_orbax_task(record: std_logging.LogRecord) -> bool:
+  """False for asyncio's report of an orbax task whose exception nobody retrieved."""
+  error = record.exc_info[1] if record.exc_info else None
+  if error is None or not record.getMessage().startswith('Task exception was never retrieved'):
+    return True
+  return not any(f'{os.sep}orbax{os.sep}' in frame.filename
+                 for frame in traceback.extract_tb(error.__traceback__))
 
 
 def _on_every_process(ok: bool) -> bool:
