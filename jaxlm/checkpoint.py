@@ -191,6 +191,9 @@ class Checkpointer:
       # could then settle below, and log it.
       manager.reached_preemption = lambda step: False
     self._unreadable: dict[str, list[int]] = {}  # manager folder -> steps a restore skipped
+    # Before any read or write: the reads and writes a failure abandons can fail (and print) in
+    # TensorStore's threads before that failure reaches our except clause.
+    ignore_abandoned_io()
 
   def latest_step(self) -> Optional[int]:
     """The newest step of the latest train states, leaving out those a restore skipped as
@@ -320,7 +323,6 @@ class Checkpointer:
     except MemoryError:
       raise
     except Exception as e:  # orbax and TensorStore raise many types for a damaged file
-      ignore_abandoned_io()
       raise _Unreadable(f'{name} does not read back: {_gist(e)}') from e
     bookkeeping = os.path.join(_step_dir(manager, step), '_CHECKPOINT_METADATA')
     if os.path.exists(bookkeeping) and not _reads_as_json(bookkeeping):
@@ -416,7 +418,6 @@ def _check_layout(manager: ocp.CheckpointManager, step: int, name: str, target: 
   try:
     tree = handler.metadata(epath.Path(_step_dir(manager, step)) / name).tree
   except Exception as e:  # the tree's index or an array's header is damaged
-    ignore_abandoned_io()
     raise _Unreadable(f'{name} does not read back: {_gist(e)}') from e
   finally:
     handler.close()
@@ -435,9 +436,10 @@ def ignore_abandoned_io() -> None:
 
   Orbax stops at the first array that fails and closes its event loop; the other reads and
   writes then fail too, at any later time: as 'unraisable' exceptions (orbax's coroutines),
-  through sys.excepthook in TensorStore's threads (its callbacks into the closed loop), or as
-  asyncio's "Task exception was never retrieved" log line when an abandoned orbax task is
-  collected. The failure is reported already: drop those.
+  through sys.excepthook when TensorStore calls back into the closed loop (from its threads,
+  or from the main thread while it finalizes), or as asyncio's "Task exception was never
+  retrieved" log line when an abandoned orbax task is collected. The failure is reported
+  already: drop those. Every Checkpointer installs this, before its first read or write.
   """
   global _abandoned_io_ignored
   if _abandoned_io_ignored:
@@ -454,8 +456,12 @@ def ignore_abandoned_io() -> None:
       previous_unraisable(unraisable)
 
   def except_hook(kind: type, error: BaseException, tb: Any) -> None:
-    # Only TensorStore's threads: the main thread's own errors keep their traceback.
-    if not (closed_loop(error) and threading.current_thread() is not threading.main_thread()):
+    # A callback from C starts its traceback inside asyncio; an error of the main thread's own
+    # code starts at its first frame (launch.py, a test) and keeps its traceback.
+    from_c = (tb is not None and
+              f'{os.sep}asyncio{os.sep}' in tb.tb_frame.f_code.co_filename)
+    if not (closed_loop(error) and
+            (from_c or threading.current_thread() is not threading.main_thread())):
       previous_except(kind, error, tb)
 
   sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
