@@ -11,7 +11,7 @@ depend on the thread count.
 The C++ source is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`)
 into a cache folder (`$JAXLM_CACHE_DIR`, else `$XDG_CACHE_HOME/jaxlm`, else `~/.cache/jaxlm`),
 keyed by the source, the compiler, the jaxlib version and this CPU. Without a compiler, or
-with `JAXLM_CPU_MATVEC=0`, `enabled()` is False and callers use XLA's dot: the same
+with `JAXLM_CPU_MATVEC=0`, `enabled()` is False and `matmul` is XLA's dot: the same
 products, slower. On other platforms `matmul` lowers to XLA's dot.
 """
 

@@ -35,7 +35,7 @@ from jaxlm import models
 from jaxlm import sharding
 from jaxlm import subspace
 from jaxlm.checkpoint import Checkpointer, abstract, check_resumed_config, check_writable_workdir
-from jaxlm.checkpoint import ignore_abandoned_io, model_signature, save_config
+from jaxlm.checkpoint import model_signature, save_config
 from jaxlm.checkpoint import save_or_check_vocab
 from jaxlm.errors import Stopped, UserError
 from jaxlm.metrics import MetricsWriter
@@ -593,7 +593,6 @@ def _raise_if_disk_full(run: _Run, error: Exception) -> None:
     why = next((os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT)
                 if getattr(error, 'errno', None) == code or os.strerror(code) in text), None)
     if why is not None:
-      ignore_abandoned_io()  # the save's other writes fail later, in other threads
       last = run.checkpointer.saved_latest_step()
       resume = 'from step 0' if last is None else f'from step {last}, its last complete save'
       raise UserError(f'writing in {run.workdir} failed: {why}: free space on that disk, then'

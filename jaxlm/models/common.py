@@ -20,10 +20,11 @@ def compute_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   (float64 for float64 kernels, in float64 reference tests).
 
   One float32 row x [1, K] (a batch-1 recurrent step) on a CPU host goes through
-  `cpu_matvec.matmul`, which splits the product over threads: XLA runs it on one.
+  `cpu_matvec.matmul`, which splits the product over threads (XLA runs it on one), and uses
+  XLA's dot itself where it is not available.
   """
   if (x.ndim == 2 and x.shape[0] == 1 and kernel.ndim == 2 and kernel.dtype == jnp.float32
-      and jax.default_backend() == 'cpu' and cpu_matvec.enabled()):
+      and jax.default_backend() == 'cpu'):
     return cpu_matvec.matmul(x.astype(jnp.float32), kernel)
   return jnp.matmul(x.astype(kernel.dtype), kernel,
                     preferred_element_type=jnp.promote_types(kernel.dtype, jnp.float32))
