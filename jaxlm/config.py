@@ -19,7 +19,7 @@ MATMUL_PRECISIONS = ('default', 'high', 'highest', 'bfloat16', 'tensorfloat32', 
 VARIANTS = ('baseline', 'al', 're', 'real')
 CORES = ('lstm', 'rhn')
 
-# The VD-LSTM recipe per size (PAPER.md, "VD-LSTM recipe"): hidden = embedding size, the
+# The VD-LSTM recipe per size (docs/paper.md, "The LSTM recipe"): hidden = embedding size, the
 # epoch after which the learning rate decays, the decay multiplier, the clipping norm, the
 # drop rate per corpus, the uniform init scale, and the number of epochs.
 LSTM_SIZES = {
@@ -30,21 +30,22 @@ LSTM_SIZES = {
     'large': dict(hidden=1500, decay_start=1, decay=0.97, clip=6.0,
                   drop={'ptb': 0.65, 'wikitext2': 0.65}, init=0.04, epochs=55),
 }
-# gamma of the augmented loss (its weight alpha = gamma * temperature), per corpus (PAPER.md).
+# gamma of the augmented loss (its weight alpha = gamma * temperature), per corpus (docs/paper.md,
+# "The augmented loss").
 AUG_GAMMA = {'ptb': 0.5, 'wikitext2': 1.0, 'tiny': 0.5}
 TEMPERATURE = 20.0
 
-# Section 6.2 (PAPER.md): a 2-layer 300-unit untied LSTM on a 20,000-word run of PTB train, no
-# dropout, embedding rows at norm 1, loss beta tau^2 V J^aug + (1 - beta) J. The paper gives
-# neither epochs, learning rate nor init; ours (README, "Section 6.2"): SGD at lr 1 with clip 5
-# for 6 epochs, after which the distance has settled; the read-out starting at zero, so that
-# what is measured is where the loss drives W, not what is left of a random init; y~ a target
-# (no gradient into E through it), as in the paper's analysis.
+# Section 6.2 (docs/paper.md): a 2-layer 300-unit untied LSTM on a 20,000-word run of PTB
+# train, no dropout, embedding rows at norm 1, loss beta tau^2 V J^aug + (1 - beta) J. The paper
+# gives neither epochs, learning rate nor init; ours (docs/reproduction.md, "Section 6.2"): SGD
+# at lr 1 with clip 5 for 6 epochs, after which the distance has settled; the read-out starting at
+# zero, so that what is measured is where the loss drives W, not what is left of a random init; y~
+# a target (no gradient into E through it), as in the paper's analysis.
 SUBSPACE_RECIPE = dict(hidden=300, train_words=20_000, beta=1.0, temperature=10.0, epochs=6,
                        learning_rate=1.0, clip=5.0, readout_init=0.0, eval_max_tokens=5_000)
 
 
-# The VD-RHN recipe (PAPER.md, "VD-RHN recipe"; Zilly et al.'s reference config `ptb_sota`).
+# The VD-RHN recipe (docs/paper.md, "The RHN recipe"; Zilly et al.'s reference config `ptb_sota`).
 RHN_RECIPE = dict(depth=10, hidden=830, init=0.04, transform_bias=-2.0, learning_rate=0.2,
                   decay=1 / 1.02, decay_start=20, epochs=500, weight_decay=1e-7, clip=10.0,
                   drop=dict(embed=0.25, input=0.75, state=0.25, output=0.75))
@@ -66,8 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Also save the latest state when this many seconds passed since the last save (checked
   # every log_every steps); 0: only checkpoint_every.
   c.checkpoint_every_secs = 600
-  # Monte-Carlo dropout evaluation (PAPER.md): each target's probability averaged over
-  # `mc_samples` passes with masks drawn once per pass; 0: off. Reported as SPLIT_mc_ppl.
+  # Monte-Carlo dropout evaluation (docs/paper.md, "The RHN recipe"): each target's probability
+  # averaged over `mc_samples` passes with masks drawn once per pass; 0: off. Reported as
+  # SPLIT_mc_ppl.
   c.mc_samples = 0
   c.mc_max_ppl = 500.0  # a pass with this perplexity or more is discarded and redrawn
   c.mc_batch = 10  # passes run side by side as the rows of one batch
@@ -125,6 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
   # gamma = 0); None: off.
   c.loss.beta = config_dict.placeholder(float)
   c.loss.stop_target_gradient = False
+  # Whether the model's tempered distribution in the KL keeps the read-out's bias:
+  # softmax((W h + b) / tau). False: the paper's softmax(W h / tau) (docs/paper.md, "The
+  # read-out's bias"). Matters only for a read-out with a bias (untied, or model.output_bias).
+  c.loss.kl_with_bias = False
   c.loss.reduction = 'sum_over_time'
   # CE and KL with a hand-written backward pass (losses.fused_ce_and_kl); False: autodiff of
   # the plain definitions. Same values and gradients.
@@ -144,12 +150,19 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
   """A workdir's config.json over the schema's defaults, so that keys added since keep theirs.
 
   Older workdirs saved alpha (`loss.aug_weight`) but not gamma; gamma = alpha / temperature.
+  Those from before `loss.kl_with_bias` kept the read-out's bias in the KL: where that
+  mattered (an augmented loss and a read-out with a bias), they resume so.
   """
   saved = json.loads(json.dumps(saved))  # a deep copy
   loss = saved.get('loss', {})
   alpha = loss.pop('aug_weight', None)
   if 'gamma' not in loss and alpha is not None:
     loss['gamma'] = alpha / loss.get('temperature', TEMPERATURE)
+  model = saved.get('model', {})
+  has_bias = model.get('output_bias') or not model.get('tied', True)
+  with_kl = loss.get('gamma', 0) > 0 or loss.get('beta') is not None
+  if has_bias and with_kl:
+    loss.setdefault('kl_with_bias', True)
   c = base_config()
   c.update(saved)
   return c

@@ -34,11 +34,14 @@ def augmented_kl(
     embedding: jax.Array,
     temperature: float,
     stop_target_gradient: bool = False,
+    kl_bias: Optional[jax.Array] = None,
 ) -> jax.Array:
   """KL(y~ || y^tau) per token, the augmented loss J^aug of Inan et al. (2016), eq. 3.2.
 
   y~ = softmax(E u / tau) with u = E[target] is the target distribution built from the
-  embedding; y^tau = softmax(logits / tau) is the model's distribution at the same temperature.
+  embedding; y^tau = softmax((logits - kl_bias) / tau) is the model's distribution at the same
+  temperature. The paper's y^tau = softmax(W h / tau) has no read-out bias: pass the bias as
+  `kl_bias` to take it out of the logits (docs/paper.md, "The read-out's bias").
 
   Args:
     logits: [..., V].
@@ -46,6 +49,7 @@ def augmented_kl(
     embedding: E, [V, d].
     temperature: tau > 0.
     stop_target_gradient: treat y~ as a constant (no gradient into E through y~).
+    kl_bias: [V] subtracted from the logits in the KL only; None: the logits as they are.
 
   Returns:
     KL divergence per token, [...], >= 0.
@@ -53,6 +57,8 @@ def augmented_kl(
   log_target = log_target_distribution(embedding, targets, temperature)
   if stop_target_gradient:
     log_target = jax.lax.stop_gradient(log_target)
+  if kl_bias is not None:
+    logits = _f32(logits) - kl_bias
   log_model = jax.nn.log_softmax(_f32(logits) / temperature, axis=-1)
   return jnp.sum(jnp.exp(log_target) * (log_target - log_model), axis=-1)
 
@@ -113,6 +119,7 @@ def fused_ce_and_kl(
     temperature: float,
     stop_target_gradient: bool = False,
     max_distinct: Optional[int] = None,
+    kl_bias: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, Optional[jax.Array]]:
   """`cross_entropy` and (with an `embedding`) `augmented_kl` per token, with a fused gradient.
 
@@ -133,6 +140,7 @@ def fused_ce_and_kl(
     max_distinct: an upper bound on the number of distinct ids in `targets` (a static int);
       None: min(number of targets, V). A smaller bound makes the y~ products cheaper; a bound
       below the true count gives wrong values.
+    kl_bias: [V] subtracted from the logits in the KL only (see `augmented_kl`); None: none.
 
   Returns:
     (cross-entropy [...], KL [...] or None when `embedding` is None).
@@ -143,7 +151,10 @@ def fused_ce_and_kl(
   if embedding is None:
     return _fused_ce(z, y).reshape(shape), None
   size = min(y.shape[0], embedding.shape[0]) if max_distinct is None else max_distinct
-  ce, kl = _fused_ce_kl(z, y, embedding, float(temperature), bool(stop_target_gradient), size)
+  if kl_bias is None:
+    kl_bias = jnp.zeros(z.shape[-1], _f32(z).dtype)
+  ce, kl = _fused_ce_kl(z, y, embedding, kl_bias, float(temperature),
+                        bool(stop_target_gradient), size)
   return ce.reshape(shape), kl.reshape(shape)
 
 
@@ -174,39 +185,46 @@ def _fused_ce_bwd(residuals, g_ce):
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fused_ce_kl(z, y, embedding, temperature, stop_target_gradient, size):
-  return _fused_ce_kl_fwd(z, y, embedding, temperature, stop_target_gradient, size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_ce_kl(z, y, embedding, kl_bias, temperature, stop_target_gradient, size):
+  return _fused_ce_kl_fwd(z, y, embedding, kl_bias, temperature, stop_target_gradient,
+                          size)[0]
 
 
-def _fused_ce_kl_fwd(z, y, embedding, temperature, stop_target_gradient, size):
-  """z [N, V], y [N], E [V, d] -> (ce [N], kl [N]), residuals."""
+def _tempered(z32: jax.Array, kl_bias: jax.Array, temperature: float) -> jax.Array:
+  """The KL's tempered logits (z - b) / tau, [N, V]."""
+  return (z32 - kl_bias) / temperature
+
+
+def _fused_ce_kl_fwd(z, y, embedding, kl_bias, temperature, stop_target_gradient, size):
+  """z [N, V], y [N], E [V, d], b [V] -> (ce [N], kl [N]), residuals."""
   del stop_target_gradient
   z32 = _f32(z)
   e32 = _f32(embedding)
   lse = jax.nn.logsumexp(z32, axis=-1)
-  lse_tau = jax.nn.logsumexp(z32 / temperature, axis=-1)
+  lse_tau = jax.nn.logsumexp(_tempered(z32, kl_bias, temperature), axis=-1)
   ce = lse - jnp.take_along_axis(z32, y[:, None], axis=-1)[:, 0]
   distinct, index = distinct_targets(y, size)
   scores = e32[distinct] @ e32.T / temperature  # [K, V]: log y~ up to its normaliser
   log_target = scores - jax.nn.logsumexp(scores, axis=-1, keepdims=True)
   # Term by term, as in `augmented_kl`: near y~ = y^tau, sum y~ log y~ - sum y~ log y^tau
   # would cancel to float32 rounding.
-  log_model = z32 / temperature - lse_tau[:, None]
+  log_model = _tempered(z32, kl_bias, temperature) - lse_tau[:, None]
   kl = jnp.sum(jnp.exp(log_target[index]) * (log_target[index] - log_model), axis=-1)
-  return (ce, kl), (z, y, embedding, lse, lse_tau, distinct, index, log_target, kl)
+  return (ce, kl), (z, y, embedding, kl_bias, lse, lse_tau, distinct, index, log_target, kl)
 
 
 def _fused_ce_kl_bwd(temperature, stop_target_gradient, size, residuals, cotangents):
-  z, y, embedding, lse, lse_tau, distinct, index, log_target, kl = residuals
+  z, y, embedding, kl_bias, lse, lse_tau, distinct, index, log_target, kl = residuals
   g_ce, g_kl = cotangents
   z32 = _f32(z)
   target = jnp.exp(log_target)  # [K, V]
-  log_model = z32 / temperature - lse_tau[:, None]  # log y^tau, [N, V]
-  dz = (g_ce[:, None] * _softmax_minus_onehot(z32, lse, y)
-        + (g_kl / temperature)[:, None] * (jnp.exp(log_model) - target[index]))
+  log_model = _tempered(z32, kl_bias, temperature) - lse_tau[:, None]  # log y^tau, [N, V]
+  dz_kl = (g_kl / temperature)[:, None] * (jnp.exp(log_model) - target[index])
+  dz = g_ce[:, None] * _softmax_minus_onehot(z32, lse, y) + dz_kl
+  d_bias = -jnp.sum(dz_kl, axis=0).astype(kl_bias.dtype)
   if stop_target_gradient:
-    return dz.astype(z.dtype), None, jnp.zeros_like(embedding)
+    return dz.astype(z.dtype), None, jnp.zeros_like(embedding), d_bias
   # d KL_t / d scores_t = y~ (log y~ - log y^tau_t - KL_t) / tau, summed over the tokens of
   # each distinct target (each log ratio formed per token first, as autodiff of
   # `augmented_kl` does, so that no two large sums cancel); scores = E[distinct] E^T, so E
@@ -217,7 +235,7 @@ def _fused_ce_kl_bwd(temperature, stop_target_gradient, size, residuals, cotange
   e32 = _f32(embedding)
   d_embedding = d_scores.T @ e32[distinct]
   d_embedding = d_embedding.at[distinct].add(d_scores @ e32)
-  return dz.astype(z.dtype), None, d_embedding.astype(embedding.dtype)
+  return dz.astype(z.dtype), None, d_embedding.astype(embedding.dtype), d_bias
 
 
 _fused_ce_kl.defvjp(_fused_ce_kl_fwd, _fused_ce_kl_bwd)
@@ -229,7 +247,7 @@ def reduce_tokens(
   """Reduces per-token values [batch, time] to the scalar SGD sees.
 
   'sum_over_time': summed over the time steps and averaged over the batch, the reduction the
-  recipes' learning rates and clipping thresholds refer to (PAPER.md, "Loss scale matters").
+  recipes' learning rates and clipping thresholds refer to (docs/paper.md, "The LSTM recipe").
   'mean': the mean over the (weighted) tokens.
   """
   if weights is None:

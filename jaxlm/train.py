@@ -59,7 +59,7 @@ class TrainingDiverged(UserError):
 
 
 def epoch_learning_rate(optim: ml_collections.ConfigDict, epoch: int) -> float:
-  """lr(e) = lr0 * d^max(0, e - start) for the 1-based epoch e (PAPER.md)."""
+  """lr(e) = lr0 * d^max(0, e - start) for the 1-based epoch e (docs/paper.md)."""
   return optim.learning_rate * optim.lr_decay ** max(0, epoch - optim.decay_start)
 
 
@@ -128,6 +128,56 @@ def loss_weights(loss_config: ml_collections.ConfigDict, vocab_size: int) -> tup
   return 1.0 - beta, beta * tau**2 * vocab_size
 
 
+def kl_bias_of(loss_config: ml_collections.ConfigDict, params: Any) -> Optional[jax.Array]:
+  """The bias the KL takes out of the logits: the read-out's, unless `loss.kl_with_bias`."""
+  return None if loss_config.kl_with_bias else models.readout_bias(params)
+
+
+def make_gradient_probe(model: models.LanguageModel, config: ml_collections.ConfigDict
+                        ) -> Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]:
+  """probe(params, inputs, targets [batch, time]) -> how hard each loss pushes, jitted.
+
+  On one window from a zero state without dropout: the global norms of the gradients of the
+  cross-entropy J and of the augmented loss J^aug (unweighted, at `loss.temperature`), each
+  reduced as the train loss reduces it, with respect to the logits and to the parameters,
+  from the plain definitions (autodiff). `aug_grad_ratio_*` is the weighted ratio
+  alpha |grad J^aug| / |grad J| of the loss being trained (with `loss.beta`: beta tau^2 V
+  against 1 - beta), present when the augmented loss is on. The KL's gradient on the logits
+  is (y^tau - y~) / tau per token: near uniform y^tau and y~ over V words it is of order
+  1 / (V tau), which is what this measures (docs/reproduction.md).
+  """
+  loss_config = config.loss
+  ce_weight, kl_weight = loss_weights(loss_config, model.vocab_size)
+  reduce = lambda values: losses.reduce_tokens(values, None, loss_config.reduction)
+
+  def kl_of(logits, targets, params):
+    return reduce(losses.augmented_kl(
+        logits, targets, models.embedding_matrix(params), loss_config.temperature,
+        loss_config.stop_target_gradient, kl_bias_of(loss_config, params)))
+
+  def probe(params, inputs, targets):
+    logits_of = lambda p: model.apply(
+        {'params': p}, inputs, model.initial_carry(inputs.shape[0]))[0]
+    logits = logits_of(params)
+    norms = {
+        'grad_ce_logits': optax.tree.norm(
+            jax.grad(lambda z: reduce(losses.cross_entropy(z, targets)))(logits)),
+        'grad_kl_logits': optax.tree.norm(
+            jax.grad(lambda z: kl_of(z, targets, params))(logits)),
+        'grad_ce_params': optax.tree.norm(
+            jax.grad(lambda p: reduce(losses.cross_entropy(logits_of(p), targets)))(params)),
+        'grad_kl_params': optax.tree.norm(
+            jax.grad(lambda p: kl_of(logits_of(p), targets, p))(params)),
+    }
+    if kl_weight > 0 and ce_weight > 0:
+      for where in ('logits', 'params'):
+        norms[f'aug_grad_ratio_{where}'] = (kl_weight * norms[f'grad_kl_{where}']
+                                            / (ce_weight * norms[f'grad_ce_{where}']))
+    return norms
+
+  return jax.jit(probe)
+
+
 def make_loss_fn(
     model: models.LanguageModel,
     config: ml_collections.ConfigDict,
@@ -145,20 +195,21 @@ def make_loss_fn(
   ce_weight, kl_weight = loss_weights(loss_config, model.vocab_size)
   with_kl = kl_weight > 0
 
-  def token_losses(logits, targets, embedding):
+  def token_losses(logits, targets, params):
+    embedding, kl_bias = models.embedding_matrix(params), kl_bias_of(loss_config, params)
     if loss_config.fused:
       return losses.fused_ce_and_kl(
           logits, targets, embedding if with_kl else None, loss_config.temperature,
-          loss_config.stop_target_gradient, max_distinct_targets)
+          loss_config.stop_target_gradient, max_distinct_targets, kl_bias)
     ce = losses.cross_entropy(logits, targets)
     if not with_kl:
       return ce, None
     return ce, losses.augmented_kl(logits, targets, embedding, loss_config.temperature,
-                                   loss_config.stop_target_gradient)
+                                   loss_config.stop_target_gradient, kl_bias)
 
   def loss_fn(params, inputs, targets, carry, masks):
     logits, carry = model.apply({'params': params}, inputs, carry, masks)
-    ce, kl = token_losses(logits, targets, models.embedding_matrix(params))
+    ce, kl = token_losses(logits, targets, params)
     loss = losses.reduce_tokens(ce, None, loss_config.reduction)
     if ce_weight != 1:
       loss = ce_weight * loss
@@ -265,6 +316,19 @@ def subspace_metrics(params: Any) -> dict[str, float]:
   return {'subspace_distance': subspace.subspace_distance(embedding, jax.device_get(readout))}
 
 
+def target_sharpness(params: Any, temperature: float,
+                     corpus: data_lib.Corpus) -> dict[str, float]:
+  """How much the augmented loss's target y~ (at `temperature`) says with these parameters'
+  E: its mean entropy in nats (log V when uniform), the mean y~ of the word itself, and the
+  mean length of the word vectors, each word weighted by how often it is a train target."""
+  embedding = np.asarray(jax.device_get(models.embedding_matrix(params)), np.float32)
+  weights = np.bincount(corpus.splits['train'][1:], minlength=embedding.shape[0])
+  entropy, self_prob = losses.target_sharpness(embedding, temperature, weights)
+  norms = np.linalg.norm(embedding.astype(np.float64), axis=1)
+  return {'target_entropy': entropy, 'target_self_prob': self_prob,
+          'embedding_norm': float(norms @ weights / weights.sum())}
+
+
 def load_corpus(config: ml_collections.ConfigDict) -> data_lib.Corpus:
   """The corpus, built by process 0 before the others read it (the TFDS folder may be shared)."""
   load = lambda: data_lib.load_corpus(config.data.corpus, config.data.dir, config.data.tfds_dir)
@@ -334,6 +398,8 @@ class _Run:
   train_step: Callable
   eval_step: Callable
   valid_windows: Any
+  probe: Callable  # make_gradient_probe's, on `probe_window`
+  probe_window: Any  # (inputs, targets) [batch_size, bptt]: the first of the validation split
   put_window: Callable  # host window -> global arrays on the mesh
   initial_carry: Callable  # () -> the zero carry, on the mesh
   checkpointer: Checkpointer
@@ -378,6 +444,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
       eval_step=evaluation.make_eval_step(model),
       valid_windows=data_lib.eval_windows(corpus.splits['valid'], config.eval_batch_size,
                                           config.bptt, config.eval_max_tokens),
+      probe=make_gradient_probe(model, config),
+      probe_window=sharding.placer(mesh, config.batch_size)(data_lib.train_window(
+          data_lib.train_streams(corpus.splits['valid'], config.batch_size), 0, config.bptt)),
       put_window=lambda window: sharding.put_batch(window, batch, config.batch_size),
       initial_carry=jax.jit(lambda: model.initial_carry(config.batch_size),
                             out_shardings=shardings.carry),
@@ -517,7 +586,7 @@ def _end_epoch(run: _Run, state: TrainState, progress: Progress, step: int,
       lr=epoch_learning_rate(run.config.optim, number),
       train_ppl=perplexity(progress.epoch_ce_sum / (steps_done * run.tokens_per_step)),
       valid_ppl=valid_ppl, tokens_per_sec=run.tokens_per_step / seconds,
-      **subspace_metrics(state.params),
+      **subspace_metrics(state.params), **run.probe(state.params, *run.probe_window),
   )
   logging.info('epoch %d%s: valid ppl %.2f', number, '' if complete else ' (partial)',
                valid_ppl)
@@ -577,7 +646,11 @@ def _final_evaluation(run: _Run, state: TrainState, step: int) -> dict[str, floa
   final = evaluation.split_perplexities(run.config, run.model, run.eval_step, params,
                                         run.corpus, place=place)
   final.update(subspace_metrics(params))
-  run.writer.write('test', step, **final)
+  # How hard the augmented loss pushes, and what its target says, with these parameters: in
+  # the `test` line, not in the result a run prints.
+  diagnostics = {**run.probe(params, *run.probe_window),
+                 **target_sharpness(params, run.config.loss.temperature, run.corpus)}
+  run.writer.write('test', step, **final, **diagnostics)
   logging.info('best parameters: valid ppl %.2f, test ppl %.2f (batch %d)',
                final['valid_ppl'], final['test_ppl'], run.config.test_batch_size)
   return {**final, 'step': step}

@@ -60,6 +60,26 @@ def test_fused_ce_and_kl_equal_plain_definitions(stop, tau):
       assert np.max(np.abs(plain[1][1])) > 1e-3
 
 
+@pytest.mark.parametrize('stop', [False, True])
+def test_fused_ce_and_kl_with_a_kl_bias_equal_plain_definitions(stop):
+  """The KL without the read-out's bias: values and gradients for z, E and the bias."""
+  with jax.enable_x64(True):
+    logits, targets, embedding, g_ce, g_kl = loss_case(11 + stop)
+    bias = jnp.asarray(np.random.default_rng(11).normal(size=logits.shape[-1]) * 2.0)
+
+    def weighted(fn):
+      def total(z, e, b):
+        ce, kl = fn(z, e, b)
+        return jnp.sum(g_ce * ce) + jnp.sum(g_kl * kl), (ce, kl)
+      return jax.value_and_grad(total, (0, 1, 2), has_aux=True)(logits, embedding, bias)
+
+    plain = weighted(lambda z, e, b: (losses.cross_entropy(z, targets),
+                                      losses.augmented_kl(z, targets, e, 2.0, stop, b)))
+    fused = weighted(lambda z, e, b: losses.fused_ce_and_kl(z, targets, e, 2.0, stop, None, b))
+    assert_trees_close(fused, plain)
+    assert np.max(np.abs(plain[1][2])) > 1e-3  # the bias gets the KL's gradient, negated
+
+
 def test_fused_cross_entropy_alone_equals_plain():
   with jax.enable_x64(True):
     logits, targets, _, g_ce, _ = loss_case(7)
@@ -123,15 +143,23 @@ def tiny_lstm_config(arg, stop=False):
   return c
 
 
-@pytest.mark.parametrize('arg,stop', [('real', False), ('real', True), ('al', False),
-                                      ('re', False), ('baseline', False)])
-def test_train_loss_fast_paths_equal_autodiff(arg, stop):
-  """The whole loss SGD sees, with dropout masks: every fast path on vs every one off."""
+@pytest.mark.parametrize('arg,stop,bias', [
+    ('real', False, None), ('real', True, None), ('al', False, False), ('al', False, True),
+    ('real', False, True), ('re', False, None), ('baseline', False, None)])
+def test_train_loss_fast_paths_equal_autodiff(arg, stop, bias):
+  """The whole loss SGD sees, with dropout masks: every fast path on vs every one off.
+
+  `bias`: None, the variant as it is; else a read-out with a bias (tied: model.output_bias),
+  kept in the KL (True) or taken out (False).
+  """
   with jax.enable_x64(True):
     vocab, batch, bptt = 13, 3, 5
     results = []
     for fast in (True, False):
       c = tiny_lstm_config(arg, stop)
+      if bias is not None:
+        c.model.output_bias = c.model.tied
+        c.loss.kl_with_bias = bias
       c.model.custom_vjp = c.loss.fused = fast
       params = jax.tree.map(lambda p: p.astype(jnp.float64), models.init_params(
           models.build_model(c, vocab), jax.random.PRNGKey(0), batch, bptt))

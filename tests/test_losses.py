@@ -1,4 +1,4 @@
-"""Losses against float64 NumPy implementations of PAPER.md's formulas."""
+"""Losses against float64 NumPy implementations of docs/paper.md's formulas."""
 
 import jax
 import jax.numpy as jnp
@@ -133,3 +133,24 @@ def test_target_sharpness_of_orthogonal_word_vectors():
                              (np.log(vocab), 1 / vocab), rtol=1e-6)
   with pytest.raises(ValueError, match='not all 0'):
     losses.target_sharpness(embedding, tau, np.zeros(vocab))
+
+
+def test_augmented_kl_without_the_readout_bias_matches_numpy():
+  """kl_bias b: the KL of softmax((z - b) / tau), the paper's y^tau = softmax(W h / tau)."""
+  logits, targets, embedding = random_case(7)
+  bias = np.random.default_rng(7).normal(size=logits.shape[-1]).astype(np.float32) * 3
+  got = losses.augmented_kl(logits, targets, embedding, 2.0, kl_bias=bias)
+  np.testing.assert_allclose(got, np_augmented_kl(logits - bias, targets, embedding, 2.0),
+                             rtol=1e-4, atol=1e-6)
+  assert np.abs(np.asarray(got) - np_augmented_kl(logits, targets, embedding, 2.0)).max() > 1e-2
+
+
+def test_augmented_kl_without_the_bias_gives_the_bias_no_gradient():
+  """With logits z0 + b and kl_bias b, the KL does not depend on b at all."""
+  logits, targets, embedding = random_case(8)
+  bias = np.random.default_rng(8).normal(size=logits.shape[-1]).astype(np.float32)
+  kl_of_bias = lambda b: losses.augmented_kl(logits + b, targets, embedding, 3.0,
+                                             kl_bias=b).sum()
+  np.testing.assert_allclose(kl_of_bias(bias),
+                             np_augmented_kl(logits, targets, embedding, 3.0).sum(), rtol=1e-4)
+  np.testing.assert_allclose(jax.grad(kl_of_bias)(bias), 0.0, atol=1e-5)

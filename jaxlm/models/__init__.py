@@ -6,7 +6,7 @@ import ml_collections
 
 from jaxlm.models.dropout import apply_mask, bernoulli_mask, gather_word_mask
 from jaxlm.models.lm import LanguageModel, count_params, embedding_matrix, init_params, param_shapes
-from jaxlm.models.lm import readout_matrix, unit_norm_embedding
+from jaxlm.models.lm import readout_bias, readout_matrix, unit_norm_embedding
 from jaxlm.models.lstm import LSTMCore, lstm_scan
 from jaxlm.models.rhn import RHNCore, rhn_scan
 

@@ -106,6 +106,13 @@ def readout_matrix(params: Any) -> Optional[jax.Array]:
   return params['readout']['kernel'].T
 
 
+def readout_bias(params: Any) -> Optional[jax.Array]:
+  """The read-out's bias b [vocab] (logits = W h + b), or None for a read-out without one."""
+  if 'readout' in params:
+    return params['readout']['bias']
+  return params.get('output_bias')
+
+
 def unit_norm_embedding(params: Any) -> Any:
   """`params` with every row of E scaled to norm 1 (the section 6.2 constraint)."""
   e = embedding_matrix(params)
