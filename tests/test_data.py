@@ -348,6 +348,31 @@ def test_tiny_corpus(tmp_path, monkeypatch):
   assert (first.splits['train'] == first.vocab.id('<unk>')).sum() > 0
 
 
+def test_a_corpus_built_by_another_process_meanwhile_is_read(tmp_path, monkeypatch):
+  """Two runs started together build the same TFDS folder; the one whose rename into place
+  fails (FileExistsError) reads the other's."""
+  expected = data.load_corpus('tiny', tfds_dir=tmp_path / 'alone')
+  builder_class = type(data.corpus._BUILDERS['tiny'](data_dir=str(tmp_path)))
+  original = builder_class.download_and_prepare
+
+  def lose_the_race(self, *args, **kwargs):
+    original(self, *args, **kwargs)  # the other process's build, finished first
+    raise FileExistsError('Cannot rename ... already exists.')
+
+  monkeypatch.setattr(builder_class, 'download_and_prepare', lose_the_race)
+  got = data.load_corpus('tiny', tfds_dir=tmp_path / 'raced')
+  assert got.vocab == expected.vocab
+  for split in ('train', 'valid', 'test'):
+    np.testing.assert_array_equal(got.splits[split], expected.splits[split])
+
+  def fail(self, *args, **kwargs):  # nothing was built: the error is not ours to hide
+    raise FileExistsError('something else')
+
+  monkeypatch.setattr(builder_class, 'download_and_prepare', fail)
+  with pytest.raises(FileExistsError, match='something else'):
+    data.load_corpus('tiny', tfds_dir=tmp_path / 'failed')
+
+
 def test_tiny_lines_have_structure():
   lines = tiny.generate_tiny_lines()
   assert lines == tiny.generate_tiny_lines()

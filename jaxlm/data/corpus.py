@@ -318,8 +318,16 @@ def load_corpus(
         unreachable = _unreachable(_SOURCES[name].urls)
         if unreachable:  # offline: say so at once, not after TFDS's retries (minutes)
           raise _BUILDERS[name]._download_failed(ConnectionError(unreachable))
-    builder.download_and_prepare(file_format='array_record',
-                                 download_config=download_config)
+    try:
+      builder.download_and_prepare(file_format='array_record',
+                                   download_config=download_config)
+    except FileExistsError:
+      # Another process built the same folder at the same time (two runs started together)
+      # and renamed its copy into place first: read that one.
+      if not builder.data_path.exists():
+        raise
+      logging.info('%s was built by another process meanwhile; reading it', builder.data_path)
+      builder = _BUILDERS[name](data_dir=os.fspath(tfds_dir) if tfds_dir else None)
   lines = {split: [tokenize_line(line) for line in _read_lines(builder, split)]
            for split in SPLITS}
   vocab = Vocabulary.build(lines['train'])
