@@ -4,13 +4,18 @@
 
 reads each workdir under --runs (a folder holding `config.json` and `metrics.jsonl`, at any
 depth) and writes to --out:
-- `report.md`: one row per run: the paper's row it trains (`paper.match_row`) or, for a run
-  that changes a few of a row's recipe keys (an ablation), that row and the changed keys
+- `report.md`: first one row per recipe, the runs that differ only in seed (or in how they
+  are computed: `paper.NOT_RECIPE_KEYS`) pooled: the mean of their final validation/test
+  perplexities, the spread (lowest to highest) and the number of finished seeds, against the
+  paper's row; then one row per run: the paper's row it trains (`paper.match_row`) or, for a
+  run that changes a few of a row's recipe keys (an ablation), that row and the changed keys
   (`paper.nearest_row`); the paper's validation/test perplexity, ours (the best parameters
-  at batch 1 for a finished run; the latest validation for one in progress), the differences
-  in %, parameters, epochs done and planned, training time and tokens/s, the machine;
-- `valid_CORPUS_SIZE.png`: validation perplexity per epoch of the variants of one size on one
-  plot (the layout of the paper's Figure 2), the paper's final validation numbers dashed.
+  at batch 1 for a finished run; the latest validation for an unfinished one), the
+  differences in %, parameters, epochs done and planned, training time and tokens/s, the
+  machine;
+- `valid_CORPUS_SIZE.png`: validation perplexity per epoch of the recipes of one size on one
+  plot (the layout of the paper's Figure 2): the mean over a recipe's runs, their range
+  shaded; the paper's final validation numbers dashed.
 
 Only the two files are needed: a run's workdir can be reduced to them (as under `results/`).
 """
@@ -127,6 +132,23 @@ class Run:
     return f'{c.data.corpus}_{size or c.model.core}'
 
   @property
+  def recipe(self) -> tuple:
+    """What the run trains: its config without `paper.NOT_RECIPE_KEYS` (seed among them)."""
+    flat = config_lib.flat_dict(self.config)
+    return tuple(sorted((k, repr(v)) for k, v in flat.items() if k not in paper.NOT_RECIPE_KEYS))
+
+  @property
+  def recipe_label(self) -> str:
+    """The recipe in a few words: the row's argument, and what a variant changes."""
+    if self.row:
+      return self.row.arg
+    if self.variant_of:
+      row, keys = self.variant_of
+      flat = config_lib.flat_dict(self.config)
+      return f'{row.arg}, ' + ', '.join(f'{k}={flat.get(k)}' for k in keys)
+    return self.name
+
+  @property
   def label(self) -> str:
     if self.row:
       return f'{self.name} ({self.row.arg})'
@@ -184,7 +206,7 @@ def table_row(run: Run) -> list[str]:
     valid, test, status = final.get('valid_ppl'), final.get('test_ppl'), 'done'
   elif epochs:
     valid, test = epochs[-1]['valid_ppl'], None
-    status = (f'in progress (epoch {epochs[-1]["epoch"]}; validation at batch'
+    status = (f'unfinished (epoch {epochs[-1]["epoch"]}; validation at batch'
               f' {run.config.eval_batch_size})')
   else:
     valid, test, status = None, None, 'started'
@@ -213,8 +235,59 @@ def markdown_table(runs: list[Run]) -> str:
   return '\n'.join(lines)
 
 
+def by_recipe(runs: list[Run]) -> list[list[Run]]:
+  """The runs grouped by `Run.recipe`, in the order of each recipe's first run."""
+  groups: dict[tuple, list[Run]] = {}
+  for run in runs:
+    groups.setdefault(run.recipe, []).append(run)
+  return list(groups.values())
+
+
+RECIPE_HEADER = ['recipe', 'runs', 'paper val / test', 'ours val / test (mean)',
+                 'spread val / test', 'difference', 'finished seeds',
+                 'last epoch\'s validation: mean (spread; seeds)', 'unfinished']
+
+
+def _spread(values: list[float]) -> str:
+  return '—' if len(values) < 2 else f'{min(values):.1f}–{max(values):.1f}'
+
+
+def recipe_row(members: list[Run]) -> list[str]:
+  """The cells of one recipe: the mean and range of its finished runs' final perplexities."""
+  first = members[0]
+  row = first.compared_row
+  finished = [run for run in members if run.final is not None]
+  valid = [run.final['valid_ppl'] for run in finished]
+  test = [run.final['test_ppl'] for run in finished]
+  mean = lambda values: sum(values) / len(values) if values else None
+  unfinished = [f'`{run.name}` (epoch {run.epochs[-1]["epoch"]}: {run.epochs[-1]["valid_ppl"]:.1f})'
+                for run in members if run.final is None and run.epochs]
+  # Every run that trained all its epochs, evaluated at the end or not: the last epoch's
+  # validation (at the eval batch size, the last parameters), a wider base for the spread.
+  trained = [run for run in members if run.epochs and run.epochs_done == run.config.num_epochs]
+  last = [run.epochs[-1]['valid_ppl'] for run in trained]
+  last_cell = '—' if not last else (
+      f'{mean(last):.1f} ({_spread(last)}; seed {", ".join(str(r.config.seed) for r in trained)})')
+  return [
+      first.recipe_label, ', '.join(f'`{run.name}`' for run in members),
+      f'{_ppl(row and row.valid_ppl)} / {_ppl(row and row.test_ppl)}',
+      f'{_ppl(mean(valid))} / {_ppl(mean(test))}', f'{_spread(valid)} / {_spread(test)}',
+      f'{_difference(mean(valid), row and row.valid_ppl)} /'
+      f' {_difference(mean(test), row and row.test_ppl)}',
+      ', '.join(str(run.config.seed) for run in finished) or '—', last_cell,
+      ', '.join(unfinished) or '—',
+  ]
+
+
+def recipe_table(runs: list[Run]) -> str:
+  lines = ['| ' + ' | '.join(RECIPE_HEADER) + ' |', '|' + '---|' * len(RECIPE_HEADER)]
+  lines += ['| ' + ' | '.join(recipe_row(members)) + ' |' for members in by_recipe(runs)]
+  return '\n'.join(lines)
+
+
 def plot_groups(runs: list[Run], out_dir: str) -> list[str]:
-  """One PNG per group of runs (`Run.group`): validation perplexity per epoch; returns names."""
+  """One PNG per group of runs (`Run.group`): validation perplexity per epoch, one curve per
+  recipe (the mean over its runs, their range shaded); returns the files' names."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use('Agg')
@@ -228,27 +301,55 @@ def plot_groups(runs: list[Run], out_dir: str) -> list[str]:
       groups[run.group].append(run)
   names = []
   for group, members in sorted(groups.items()):
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, run in enumerate(members):
-      color = f'C{i}'
-      epochs = run.epochs
-      ax.plot([l['epoch'] for l in epochs], [l['valid_ppl'] for l in epochs], color=color,
-              marker='.', label=run.label)
-      if run.row:
-        ax.axhline(run.row.valid_ppl, color=color, linestyle='--', linewidth=0.8)
+    recipes = by_recipe(members)
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11.0, 4.6 + 0.15 * len(recipes)))
+    paper_lines = collections.defaultdict(list)  # the paper's valid ppl -> its rows
+    for i, recipe in enumerate(recipes):
+      color = f'C{i % 10}'
+      linestyle = '-' if i < 10 else ':'
+      per_epoch = collections.defaultdict(list)
+      for run in recipe:
+        for line in run.epochs:
+          per_epoch[line['epoch']].append(line['valid_ppl'])
+      epochs = sorted(per_epoch)
+      mean = [sum(per_epoch[e]) / len(per_epoch[e]) for e in epochs]
+      seeds = ', '.join(str(run.config.seed) for run in recipe)
+      for axis in (ax, zoom):
+        axis.plot(epochs, mean, color=color, linestyle=linestyle, marker='.', markersize=3,
+                  label=f'{recipe[0].recipe_label} (seed {seeds})' if axis is ax else None)
+        if len(recipe) > 1:
+          axis.fill_between(epochs, [min(per_epoch[e]) for e in epochs],
+                            [max(per_epoch[e]) for e in epochs], color=color, alpha=0.15)
+      row = recipe[0].row
+      if row and row.arg not in paper_lines[row.valid_ppl]:
+        paper_lines[row.valid_ppl].append(row.arg)
+    for value, args in paper_lines.items():
+      for axis in (ax, zoom):
+        axis.axhline(value, color='0.4', linestyle='--', linewidth=0.8)
+      zoom.annotate(f'paper {" = ".join(args)}: {value:g}', (1.0, value), color='0.3',
+                    fontsize=7, xycoords=('axes fraction', 'data'), xytext=(-2, 2),
+                    textcoords='offset points', ha='right')
+    ppls = [l['valid_ppl'] for run in members for l in run.epochs if math.isfinite(l['valid_ppl'])]
+    rows = list(paper_lines)
     ax.set_yscale('log')
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    ppls = [l['valid_ppl'] for run in members for l in run.epochs if math.isfinite(l['valid_ppl'])]
-    rows = [run.row.valid_ppl for run in members if run.row]
     if ppls:
       ax.set_ylim(0.95 * min(ppls + rows), min(max(ppls), 4 * max(rows or ppls)) * 1.05)
-    ax.set_xlabel('epoch')
+    last_epoch = max(l['epoch'] for run in members for l in run.epochs)
+    late = [l['valid_ppl'] for run in members for l in run.epochs
+            if l['epoch'] > last_epoch / 2 and math.isfinite(l['valid_ppl'])]
+    zoom.set_xlim(last_epoch / 2, last_epoch + 0.5)
+    zoom.set_ylim(0.98 * min(late + rows), 1.02 * min(max(late), 1.15 * min(late + rows)))
+    for axis in (ax, zoom):
+      axis.set_xlabel('epoch')
+      axis.grid(True, which='both', alpha=0.3)
     ax.set_ylabel('validation perplexity')
-    ax.set_title(f'{group}: ours (solid), the paper\'s final (dashed)')
-    ax.grid(True, which='both', alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    zoom.set_title('the second half, closer', fontsize=9)
+    ax.set_title(f'{group}: ours (solid: mean over seeds, shaded: their range);'
+                 ' the paper\'s final (dashed)', fontsize=9)
+    fig.legend(loc='lower center', fontsize=7, ncol=2)
+    fig.tight_layout(rect=(0, 0.03 * math.ceil(len(recipes) / 2) + 0.02, 1, 1))
     name = f'valid_{group}.png'
     fig.savefig(os.path.join(out_dir, name), dpi=100)
     plt.close(fig)
@@ -264,9 +365,15 @@ def write_report(runs_dir: str, out_dir: str) -> str:
                     f' {METRICS_FILE}')
   os.makedirs(out_dir, exist_ok=True)
   plots = plot_groups(runs, out_dir)
-  text = ['# Results', '', markdown_table(runs), '',
-          'Ours: the best parameters (by validation) at batch 1, every token once; for a run in'
-          ' progress, its latest validation. Train time sums the train steps only.', '']
+  text = ['# Results', '', '## By recipe (seeds pooled)', '', recipe_table(runs), '',
+          'Ours: the mean over the finished runs of a recipe of their best parameters\''
+          ' (by validation) perplexities at batch 1, every token once; spread: the lowest and'
+          ' the highest. Unfinished runs (their latest validation at the eval batch size) are'
+          ' not in the mean. Last epoch\'s validation: of every run that trained all its epochs'
+          ' (its last parameters, at the eval batch size), finished or not.', '',
+          '## Every run', '', markdown_table(runs), '',
+          'Ours: the best parameters (by validation) at batch 1, every token once; for an'
+          ' unfinished run, its latest validation. Train time sums the train steps only.', '']
   text += [f'![{name}]({name})' for name in plots]
   path = os.path.join(out_dir, REPORT_FILE)
   with open(path, 'w', encoding='utf-8') as f:

@@ -87,8 +87,46 @@ def test_report_table_compares_each_run_with_its_paper_row(runs, tmp_path):
   assert variant['paper val / test'] == '86.3 / 82.7'
   assert variant['difference'] == '+5.0% / +2.0%'  # 90.6 / 86.3 and 84.35 / 82.7
   progress = cells(text, 'more/tiny_in_progress')
-  assert progress['status'].startswith('in progress (epoch 2')
+  assert progress['status'].startswith('unfinished (epoch 2')
   assert progress['ours val / test'].endswith('/ —')
+
+
+def recipe_cells(report_text, recipe):
+  line = next(l for l in report_text.splitlines() if l.startswith(f'| {recipe} |'))
+  return dict(zip(report.RECIPE_HEADER, [c.strip() for c in line.strip('|').split('|')]))
+
+
+def test_runs_that_differ_only_in_seed_are_one_recipe_row(runs, tmp_path):
+  # Two more seeds of PTB small RE: one finished, one trained but not evaluated at the end.
+  saved = json.loads((runs / 'ptb_small_re' / 'config.json').read_text())
+  lines = [json.loads(l) for l in (runs / 'ptb_small_re' / 'metrics.jsonl').read_text().splitlines()]
+  seeds = tmp_path / 'runs'
+  for seed, valid, test, evaluated in ((1, 96.405, 82.845, True), (2, 0.0, 0.0, False)):
+    config = config_lib.from_saved(dict(saved, seed=seed))
+    config.data.dir = f'/elsewhere/{seed}'  # how a run is computed: still the same recipe
+    config.num_epochs = 2
+    epochs = [dict(l, valid_ppl=l['valid_ppl'] + seed) for l in lines if l['kind'] == 'epoch']
+    final = [dict(lines[-1], valid_ppl=valid, test_ppl=test)] if evaluated else []
+    write_workdir(seeds / f're_s{seed}', config, epochs + final)
+  original = config_lib.from_saved(saved)
+  original.num_epochs = 2
+  write_workdir(seeds / 're_s0', original, lines)
+  text = open(report.write_report(str(seeds), str(tmp_path / 'out')), encoding='utf-8').read()
+  got = recipe_cells(text, 'small,re')
+  assert got['runs'] == '`re_s0`, `re_s1`, `re_s2`'
+  assert got['ours val / test (mean)'] == '95.4 / 81.8'  # (94.395 + 96.405) / 2, (80.845 + 82.845) / 2
+  assert got['spread val / test'] == '94.4–96.4 / 80.8–82.8'
+  assert got['finished seeds'] == '0, 1'
+  # Every seed that trained all its epochs: the last epoch's validation 118, 119 and 120.
+  assert got["last epoch's validation: mean (spread; seeds)"] == '119.0 (118.0–120.0; seed 0, 1, 2)'
+  assert got['unfinished'] == '`re_s2` (epoch 2: 120.0)'
+  # A changed recipe key is another row.
+  variant = config_lib.from_saved(saved)
+  variant.model.output_bias = True
+  write_workdir(seeds / 're_bias', variant, lines)
+  text = open(report.write_report(str(seeds), str(tmp_path / 'out')), encoding='utf-8').read()
+  assert recipe_cells(text, 'small,re, model.output_bias=True')['runs'] == '`re_bias`'
+  assert recipe_cells(text, 'small,re')['runs'] == '`re_s0`, `re_s1`, `re_s2`'
 
 
 def test_report_plots_each_size_with_the_papers_numbers(runs, tmp_path):
