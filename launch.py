@@ -224,7 +224,7 @@ def loaded_config() -> Optional[ml_collections.ConfigDict]:
 
 # Orbax's lines about what jaxlm handles: a damaged _CHECKPOINT_METADATA (jaxlm warns in its
 # own words), the temporary folder of an interrupted save, which the next save of that step
-# replaces (README, "Long runs, preemption and failures").
+# replaces (docs/training.md, "Long runs, preemption and failures").
 _ORBAX_REPORTED = ('Failed to json parse Metadata file',
                    'Attempted to create temporary directory')
 

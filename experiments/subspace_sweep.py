@@ -27,7 +27,7 @@ from jaxlm.errors import Stopped, UserError
 
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # at tau = 10
 TAUS = (1.0, 2.0, 5.0, 10.0, 20.0)  # at beta = 1
-PAPER = {(0.0, 10.0): 'about 1', (1.0, 10.0): 'about 0.06'}  # PAPER.md, section 6.2
+PAPER = {(0.0, 10.0): 'about 1', (1.0, 10.0): 'about 0.06'}  # docs/paper.md, "Section 6.2"
 
 _OUT = flags.DEFINE_string('out', None, 'Folder for the runs, subspace.md and subspace.png.')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Runs per setting, seeds 0 .. seeds - 1.')

@@ -3,8 +3,8 @@
 Layout: `WORKDIR/vocab.txt`, `WORKDIR/config.json`, `WORKDIR/checkpoints/latest/STEP` (train
 state + JSON meta: the model shape and what the state's step does not give, see
 `train.Progress`) and `WORKDIR/checkpoints/best/STEP` (parameters + meta).
-Two managers, since one manager with `best_fn` and `max_to_keep=1` would delete the latest
-state (JAX_NOTES.md).
+Two managers, since one manager with `best_fn` and `max_to_keep=1` keeps only the best step
+and would delete the latest state.
 
 What orbax guarantees (orbax-checkpoint 0.12, read in its source): a step is written into
 `STEP.orbax-checkpoint-tmp` and renamed to `STEP` only once every item is committed, and step

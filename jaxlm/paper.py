@@ -1,6 +1,6 @@
 """The paper's results table as data: each row, the config that trains it, the paper's numbers.
 
-Inan et al. (2016), Tables 1 and 2 (PAPER.md, "Target numbers"): validation and test perplexity
+Inan et al. (2016), Tables 1 and 2 (the numbers the paper reports): validation and test perplexity
 of the VD-LSTM rows on PTB and WikiText-2 and of the VD-RHN on PTB, and the parameter counts
 the paper states. These are the paper's numbers, the targets a run is compared with, never ours.
 """

@@ -108,7 +108,7 @@ def test_untied_model_may_differ_in_sizes():
     ('ptb_rhn', 'ptb', 0.5), ('wt2_rhn', 'wikitext2', 1.0)])
 @pytest.mark.parametrize('variant', [None, 're', 'real', 'baseline', 'al'])
 def test_rhn_recipe(name, corpus, gamma, variant):
-  """Zilly et al.'s `ptb_sota` (PAPER.md, "VD-RHN recipe"); the default variant is RE."""
+  """Zilly et al.'s `ptb_sota` (docs/paper.md, "The RHN recipe"); the default variant is RE."""
   c = load_config_file(name, variant)
   config_lib.validate(c)
   variant = variant or 're'

@@ -27,7 +27,7 @@ def sigmoid(x):
 
 
 def np_lm(params, tokens, carry, masks, num_layers, tied):
-  """The language model of PAPER.md in float64, one time step at a time."""
+  """The language model of docs/paper.md in float64, one time step at a time."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   to64 = lambda m: None if m is None else np.asarray(m, np.float64)
   emb = p['embed']['embedding']

@@ -32,7 +32,7 @@ def to64(tree):
 
 
 def np_rhn(params, x, carry, masks, depth, separate):
-  """The RHN equations of PAPER.md in float64, one micro-layer and one time step at a time.
+  """The RHN equations of docs/paper.md in float64, one micro-layer and one time step at a time.
 
   params: the RHNCore's collection; x [batch, time, in]; carry: one s [batch, hidden] per
   layer; masks: as `RHNCore.variational_masks` draws them, or None.
