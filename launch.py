@@ -160,8 +160,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     # absl prints the main module's docstring above the flags.
     main_module = sys.modules['__main__']
     main_module.__doc__ = (main_module.__doc__ or '') + config_keys_help()
+  help_asked = any(arg.lstrip('-') in ('help', 'helpfull', 'helpshort', 'helpxml', '?')
+                   for arg in argv[1:])
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:
+    if help_asked and e.code == 1:  # absl exits with 1 after printing the asked-for help
+      sys.exit(0)
+    raise
   except flags.Error as e:
     fail(describe_flag_error(e))
   except UserError as e:  # from a config file's get_config(ARG)

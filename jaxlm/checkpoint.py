@@ -128,8 +128,7 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str) -> lis
   latest = os.path.join(workdir, 'checkpoints', 'latest')
   if not os.path.exists(path) or not (os.path.isdir(latest) and os.listdir(latest)):
     return []
-  with open(path, encoding='utf-8') as f:
-    saved = config_lib.from_saved(json.load(f))
+  saved = config_lib.from_saved(_read_config_json(path))
   flat_saved, flat_new = config_lib.flat_dict(saved), config_lib.flat_dict(config)
   refused = config_lib.differences(saved, config, RESUMABLE_KEYS)
   if refused:
@@ -153,8 +152,21 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise UserError(f'{workdir} holds no trained model (no {CONFIG_FILE}): check --workdir, or'
                     ' train first with --mode=train')
-  with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(_read_config_json(path))
+
+
+def _read_config_json(path: str) -> dict[str, Any]:
+  """A workdir's config.json as a dict; a UserError when it is not a JSON object."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    saved = e
+  if not isinstance(saved, dict):
+    why = saved if isinstance(saved, Exception) else f'a JSON {type(saved).__name__}'
+    raise UserError(f'{path} is not the config a run writes ({why}): restore it (it is the run'
+                    "'s config as JSON), or use another --workdir")
+  return saved
 
 
 def model_signature(model_config: Any, vocab_size: int) -> dict[str, Any]:

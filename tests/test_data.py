@@ -230,12 +230,19 @@ def test_ptb_vocabulary_order(ptb):
   assert ptb.vocab.words[:3] == ('the', '<unk>', '<eos>')
 
 
-def test_ptb_second_load_reuses_tfds_data(ptb, tfds_dir, tmp_path):
-  # The source folder is not needed once the TFDS dataset exists.
-  again = data.load_corpus('ptb', data_dir=tmp_path / 'nothing', tfds_dir=tfds_dir)
-  assert again.vocab == ptb.vocab
-  for split in ptb.splits:
-    np.testing.assert_array_equal(again.splits[split], ptb.splits[split])
+def test_ptb_second_load_reuses_tfds_data(ptb, tfds_dir, tmp_path, monkeypatch):
+  # The source files are not needed once the TFDS dataset exists...
+  monkeypatch.delenv('JAXLM_DATA_DIR', raising=False)
+  (tmp_path / 'empty').mkdir()
+  for data_dir in (None, tmp_path / 'empty'):
+    again = data.load_corpus('ptb', data_dir=data_dir, tfds_dir=tfds_dir)
+    assert again.vocab == ptb.vocab
+    for split in ptb.splits:
+      np.testing.assert_array_equal(again.splits[split], ptb.splits[split])
+  # ...but a folder named that does not exist is a mistake, said in one line.
+  with pytest.raises(UserError, match=r'PTB data folder .*nothing \(from --config.data.dir\)'
+                     r' does not exist: fix the path, or leave data.dir unset'):
+    data.load_corpus('ptb', data_dir=tmp_path / 'nothing', tfds_dir=tfds_dir)
 
 
 def test_wikitext2(wikitext2):

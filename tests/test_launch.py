@@ -180,6 +180,13 @@ def test_workdir_mistakes_are_one_line(tmp_path, tfds_dir):
   check_one_line_error(proc, 'another config (model.embed_size 32 -> 16, model.hidden_size')
   assert (tmp_path / 'w' / 'config.json').read_text() == saved
   assert launch(*tiny, '--mode=eval').returncode == 0  # nothing saved was lost
+  # A config.json that is not a run's config: one line, when resuming and when another mode
+  # reads it, and nothing rewritten.
+  for garbled in (saved[:len(saved) // 2], '[1, 2]'):
+    (tmp_path / 'w' / 'config.json').write_text(garbled)
+    for args in (tiny, [f'--workdir={tmp_path / "w"}', '--mode=eval']):
+      check_one_line_error(launch(*args), 'config.json is not the config a run writes')
+      assert (tmp_path / 'w' / 'config.json').read_text() == garbled
 
 
 def test_offline_download_fails_at_once_in_one_line(tmp_path):
@@ -202,8 +209,10 @@ def test_offline_download_fails_at_once_in_one_line(tmp_path):
 
 def test_helpfull_lists_every_config_key(tmp_path):
   from jaxlm import config as config_lib
-  proc = launch('--helpfull')  # absl exits with status 1 after the help
+  proc = launch('--helpfull')
+  assert proc.returncode == 0, proc.stderr  # absl's own exit status after the help is 1
   assert 'Traceback' not in proc.stderr and '--workdir:' in proc.stdout, proc.stderr
+  assert launch('--help').returncode == 0
   for key, value in config_lib.flat_dict(config_lib.base_config()).items():
     assert f'  --config.{key}={value}' in proc.stdout, key
 

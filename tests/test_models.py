@@ -199,6 +199,13 @@ def test_parameter_counts(arg, approx):
   assert abs(count - approx) / approx < 0.01
 
 
+def test_count_params_of_a_model_or_of_its_parameters():
+  model = models.build_model(config_lib.lstm_config('ptb', 'small,baseline'), 50)
+  params = models.init_params(model, jax.random.PRNGKey(0), 2, 3)
+  assert models.count_params(params) == models.count_params(model) == lstm_param_count(
+      50, 200, 2, tied=False)
+
+
 def test_initialisation_is_symmetric_uniform():
   config = config_lib.lstm_config('ptb', 'small')
   model = models.build_model(config, 1000)

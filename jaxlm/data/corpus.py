@@ -304,7 +304,14 @@ def load_corpus(
     raise UserError(f'Unknown corpus {name!r}; choose one of {", ".join(CORPORA)}.')
   builder = _BUILDERS[name](data_dir=os.fspath(tfds_dir) if tfds_dir else None)
   # As in `download_and_prepare`: TFDS renames the dataset folder into place when done.
-  if not builder.data_path.exists():
+  if builder.data_path.exists():
+    if name in _SOURCES and data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+      # The build does not need it, but a folder named and missing is a mistake to report.
+      raise UserError(f'{_SOURCES[name].title} data folder {os.path.abspath(data_dir)} (from'
+                      ' --config.data.dir) does not exist: fix the path, or leave data.dir'
+                      f' unset to read the corpus built earlier in {builder.data_path}')
+    logging.info('reading %s from its TFDS build in %s', name, builder.data_path)
+  else:
     download_config = None
     if name in _SOURCES:
       if data_dir:

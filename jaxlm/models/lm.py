@@ -131,6 +131,10 @@ def param_shapes(model: LanguageModel) -> Any:
   return jax.eval_shape(lambda k: init_params(model, k, 1, 1), jax.random.PRNGKey(0))
 
 
-def count_params(model: LanguageModel) -> int:
-  """The number of parameters, without initialising them."""
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(model)))
+def count_params(model_or_params: Any) -> int:
+  """The number of parameters of a LanguageModel (from shapes: nothing is initialised) or of
+  a `params` collection."""
+  tree = model_or_params
+  if isinstance(model_or_params, LanguageModel):
+    tree = param_shapes(model_or_params)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
