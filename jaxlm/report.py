@@ -74,10 +74,7 @@ class Run:
     if self.row:
       return self.row.config_arg
     if self.variant_of:
-      row, keys = self.variant_of
-      flat = config_lib.flat_dict(self.config)
-      changes = ', '.join(f'{k}={flat.get(k)}' for k in keys)
-      return f'variant of {row.config_arg}: {changes}'
+      return f'variant of {self.variant_of[0].config_arg}: {self.changes}'
     return '— (not a paper row)'
 
   @property
@@ -143,10 +140,14 @@ class Run:
     if self.row:
       return self.row.arg
     if self.variant_of:
-      row, keys = self.variant_of
-      flat = config_lib.flat_dict(self.config)
-      return f'{row.arg}, ' + ', '.join(f'{k}={flat.get(k)}' for k in keys)
+      return f'{self.variant_of[0].arg}, {self.changes}'
     return self.name
+
+  @property
+  def changes(self) -> str:
+    """What a variant changes in its row, 'key=value, ...'; '' for a run that varies none."""
+    flat = config_lib.flat_dict(self.config)
+    return ', '.join(f'{k}={flat.get(k)}' for k in (self.variant_of or (None, []))[1])
 
   @property
   def label(self) -> str:
