@@ -39,6 +39,7 @@ import tensorflow_datasets as tfds
 import jaxlm
 from jaxlm import checkpoint
 from jaxlm import config as config_lib
+from jaxlm import evaluation
 from jaxlm import host
 from jaxlm import inference
 from jaxlm import sharding
@@ -88,6 +89,37 @@ _COMPARE_WORKDIR = flags.DEFINE_string(
 _TEXT_FILE = flags.DEFINE_string(
     'text_file', None, 'score: a UTF-8 text file, one sentence per line (<eos> after each); the'
     ' state is carried across lines and the first word only conditions the rest.')
+_NEURAL_CACHE = flags.DEFINE_bool(
+    'neural_cache', False, 'eval: mix the model with a continuous cache of its recent hidden'
+    ' states (Grave et al. 2016) at batch 1; also prints the perplexities without it'
+    ' (SPLIT_plain_ppl).')
+_CACHE_WINDOW = flags.DEFINE_integer(
+    'cache_window', evaluation.CACHE_WINDOW, 'eval --neural_cache: previous positions kept.')
+_CACHE_THETA = flags.DEFINE_float(
+    'cache_theta', evaluation.CACHE_THETA,
+    'eval --neural_cache: scale of h_t . h_i in the cache\'s softmax (>= 0; 0: uniform).')
+_CACHE_LAMBDA = flags.DEFINE_float(
+    'cache_lambda', evaluation.CACHE_LAMBDA,
+    'eval --neural_cache: the cache\'s weight in the mixture, in [0, 1].')
+_DYNAMIC_EVAL = flags.DEFINE_bool(
+    'dynamic_eval', False, 'eval: dynamic evaluation (Krause et al. 2018) at batch 1: each'
+    ' segment scored, then one gradient step on it, pulled back toward the trained weights;'
+    ' also prints the perplexities without it (SPLIT_plain_ppl).')
+_DYNAMIC_METHOD = flags.DEFINE_enum(
+    'dynamic_method', 'rms', list(evaluation.DYNAMIC_METHODS), 'eval --dynamic_eval: rms'
+    ' (steps divided by the RMS of the train split\'s gradients, decay per weight) or sgd.')
+_DYNAMIC_LR = flags.DEFINE_float('dynamic_lr', evaluation.DYNAMIC_LR,
+                                 'eval --dynamic_eval: the learning rate (>= 0).')
+_DYNAMIC_DECAY = flags.DEFINE_float(
+    'dynamic_decay', evaluation.DYNAMIC_DECAY,
+    'eval --dynamic_eval: the pull toward the trained weights per step (>= 0).')
+_DYNAMIC_EPSILON = flags.DEFINE_float('dynamic_epsilon', evaluation.DYNAMIC_EPSILON,
+                                      'eval --dynamic_eval --dynamic_method=rms: added to the RMS.')
+_DYNAMIC_SEGMENT = flags.DEFINE_integer('dynamic_segment', evaluation.DYNAMIC_SEGMENT,
+                                        'eval --dynamic_eval: tokens per step.')
+_DYNAMIC_STATS_BATCHES = flags.DEFINE_integer(
+    'dynamic_stats_batches', None, 'eval --dynamic_eval --dynamic_method=rms: at most this many'
+    ' train windows of [100, segment] for the gradient statistics (default: the whole split).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Run as one of several processes (every host of a TPU pod slice, GPU'
     ' hosts): jax.distributed.initialize() first. With no other flag JAX finds the cluster'
@@ -110,7 +142,9 @@ flags.mark_flags_as_required(['workdir'])
 # The flags each mode reads beyond --config, --workdir and --mode; any other is a mistake.
 MODE_FLAGS = {
     'train': (),
-    'eval': ('split', 'checkpoint', 'mc_samples'),
+    'eval': ('split', 'checkpoint', 'mc_samples', 'neural_cache', 'cache_window', 'cache_theta',
+             'cache_lambda', 'dynamic_eval', 'dynamic_method', 'dynamic_lr', 'dynamic_decay',
+             'dynamic_epsilon', 'dynamic_segment', 'dynamic_stats_batches'),
     'predict': ('checkpoint', 'prompt', 'prompts_file', 'top_k', 'compare_workdir'),
     'sample': ('checkpoint', 'prompt', 'prompts_file', 'top_k', 'top_p', 'temperature',
                'num_tokens', 'seed'),
@@ -306,8 +340,29 @@ def use_trained(mode: str, trained: inference.Trained, texts: list[str]) -> str:
     if _MC_SAMPLES.value is not None:
       trained.config.mc_samples = _MC_SAMPLES.value
       config_lib.validate(trained.config)
-    results = inference.evaluate_trained(trained, _SPLIT.value)
-    return format_results(results)
+    for switch, names in (('neural_cache', ('cache_window', 'cache_theta', 'cache_lambda')),
+                          ('dynamic_eval', ('dynamic_method', 'dynamic_lr', 'dynamic_decay',
+                                            'dynamic_epsilon', 'dynamic_segment',
+                                            'dynamic_stats_batches'))):
+      given = [name for name in names if flags.FLAGS[name].present]
+      if given and not flags.FLAGS[switch].value:
+        raise UserError(f'--{given[0]} goes with --{switch}: add it, or drop --{given[0]}')
+    if not (_NEURAL_CACHE.value or _DYNAMIC_EVAL.value):
+      return format_results(inference.evaluate_trained(trained, _SPLIT.value))
+    if trained.config.mc_samples:
+      raise UserError('--neural_cache and --dynamic_eval read the deterministic model;'
+                      ' Monte-Carlo dropout (--mc_samples, config.mc_samples) does not combine'
+                      ' with them: drop one')
+    cache = dynamic = None
+    if _NEURAL_CACHE.value:
+      cache = evaluation.NeuralCache(_CACHE_WINDOW.value, _CACHE_THETA.value, _CACHE_LAMBDA.value)
+    if _DYNAMIC_EVAL.value:
+      dynamic = evaluation.DynamicEval(
+          _DYNAMIC_SEGMENT.value, _DYNAMIC_LR.value, _DYNAMIC_DECAY.value,
+          _DYNAMIC_EPSILON.value, _DYNAMIC_METHOD.value, _DYNAMIC_STATS_BATCHES.value)
+    return format_results(evaluation.adapted_perplexities(
+        trained.config, model, params, inference.trained_corpus(trained), tuple(_SPLIT.value),
+        dynamic, cache))
   if mode == 'predict':
     top_k = _TOP_K.value
     columns = [(_WORKDIR.value, inference.predict(model, params, vocab, texts, top_k))]

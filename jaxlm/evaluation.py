@@ -8,8 +8,14 @@ from chunk to chunk through the whole split: the same numbers as window by windo
 read-out of a whole chunk is one matmul.
 
 Perplexity = exp(-mean log p(target) over every target of the split).
+
+Test-time adaptation, at batch 1: the neural cache (Grave et al. 2016) mixes `log_probs`'
+probabilities with a cache of the states h that `log_probs_and_hidden` also returns; dynamic
+evaluation (Krause et al. 2018) reads the stream in short segments in one `lax.scan`, scoring
+each before it takes a gradient step on it. `adapted_perplexities` runs either or both.
 """
 
+import dataclasses
 import functools
 import zlib
 from typing import Any, Callable, Optional
@@ -34,21 +40,26 @@ EvalWindows = tuple[np.ndarray, np.ndarray, np.ndarray]
 CHUNK_TOKENS = 1024
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_chunk(model, params, carry, inputs, targets, masks):
-  logits, carry = model.apply({'params': params}, inputs, carry, masks)
-  return carry, -losses.cross_entropy(logits, targets)
+@functools.partial(jax.jit, static_argnums=0, static_argnames='with_hidden')
+def _eval_chunk(model, params, carry, inputs, targets, masks, with_hidden=False):
+  if not with_hidden:
+    logits, carry = model.apply({'params': params}, inputs, carry, masks)
+    return carry, -losses.cross_entropy(logits, targets)
+  (logits, carry), sown = model.apply({'params': params}, inputs, carry, masks,
+                                      mutable=['intermediates'])
+  return carry, -losses.cross_entropy(logits, targets), sown['intermediates']['hidden'][0]
 
 
-def make_eval_step(model: models.LanguageModel) -> Callable:
+def make_eval_step(model: models.LanguageModel, with_hidden: bool = False) -> Callable:
   """The jitted step of `log_probs`: (params, carry, inputs, targets [rows, steps], masks) ->
-  (carry, log p(target) float32 [rows, steps]).
+  (carry, log p(target) float32 [rows, steps]), and with `with_hidden` also the read-out's
+  input, the last layer's output h [rows, steps, d].
 
   `masks=None` is the deterministic model; otherwise dropout masks [rows, ...] as
   `model.variational_masks` draws them, kept for the whole chunk. Compiled once per model and
   chunk shape.
   """
-  return functools.partial(_eval_chunk, model)
+  return functools.partial(_eval_chunk, model, with_hidden=with_hidden)
 
 
 def _identity(tree: Any) -> Any:
@@ -93,7 +104,8 @@ def log_probs(
     chunk_tokens: tokens per dispatch.
 
   Returns:
-    float64 [copies, num_targets].
+    float64 [copies, num_targets]; for an `eval_step` made `with_hidden`, the pair of that and
+    the hidden states float32 [copies, num_targets, d].
   """
   inputs, targets, weights = (
       np.tile(a.transpose(1, 0, 2).reshape(a.shape[1], -1), (copies, 1)) for a in windows)
@@ -108,10 +120,29 @@ def log_probs(
   chunks = []
   for start in range(0, length, chunk_len):
     chunk = place((inputs[:, start:start + chunk_len], targets[:, start:start + chunk_len]))
-    carry, chunk_log_probs = eval_step(params, carry, *chunk, masks)
-    chunks.append(chunk_log_probs)
-  out = np.concatenate([_to_host(x) for x in chunks], axis=1)[:, :length]
-  return out[weights > 0].astype(np.float64).reshape(copies, -1)
+    carry, *outputs = eval_step(params, carry, *chunk, masks)
+    chunks.append(outputs)
+  # Each output [rows, length, ...] -> [copies, num_targets, ...], in the order of the text.
+  kept = lambda i: np.concatenate([_to_host(c[i]) for c in chunks], axis=1)[:, :length][
+      weights > 0].reshape(copies, -1, *chunks[0][i].shape[2:])
+  log_p = kept(0).astype(np.float64)
+  return log_p if len(chunks[0]) == 1 else (log_p, kept(1))
+
+
+def log_probs_and_hidden(
+    model: models.LanguageModel, params: Any, windows: EvalWindows,
+    place: Callable[[Any], Any] = _identity,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`log_probs` of the deterministic model, the read-out's input h_t that predicted each
+  target, and the targets: (float64 [N], float32 [N, d], int32 [N]), at batch 1 (one stream,
+  in the order of the text)."""
+  if windows[0].shape[1] != 1:
+    raise UserError(f'the hidden states of a split are read at batch 1 (one stream in the order'
+                    f' of the text), got batch {windows[0].shape[1]}: set test_batch_size=1')
+  log_p, hidden = log_probs(model, make_eval_step(model, with_hidden=True), params, windows,
+                            place=place)
+  _, targets, weights = (a.reshape(-1) for a in windows)  # batch 1: windows in text order
+  return log_p[0], hidden[0], targets[weights > 0]
 
 
 def evaluate(
@@ -244,3 +275,242 @@ def mc_split_perplexities(
           config.mc_max_ppl, config.mc_batch, embed_masks=config.mc_embed_masks)
       for split in splits
   }
+
+
+# Krause et al. (2018)'s dynamic evaluation, with their code's defaults for PTB
+# (benkrause/dynamic-evaluation): segments of 5 tokens, learning rate 5e-5, decay 0.002,
+# epsilon 2e-5, gradient statistics from the train split at batch 100 (docs/using.md,
+# "Test-time adaptation").
+DYNAMIC_SEGMENT, DYNAMIC_LR, DYNAMIC_DECAY, DYNAMIC_EPSILON = 5, 5e-5, 0.002, 2e-5
+DYNAMIC_METHODS = ('rms', 'sgd')
+DYNAMIC_STATS_BATCH = 100
+
+# Grave et al. (2016)'s continuous cache: the defaults of their PTB setting as awd-lstm-lm's
+# pointer.py runs it (docs/using.md, "Test-time adaptation").
+CACHE_WINDOW, CACHE_THETA, CACHE_LAMBDA = 500, 1.0, 0.1
+
+
+def neural_cache_log_probs(
+    log_p: np.ndarray, hidden: np.ndarray, targets: np.ndarray,
+    window: int = CACHE_WINDOW, theta: float = CACHE_THETA, lam: float = CACHE_LAMBDA,
+    chunk: int = 1024,
+) -> np.ndarray:
+  """log p(target) of the model mixed with a continuous cache of its recent hidden states.
+
+  Grave et al. (2016): target t, predicted from h_t, gets p_cache(y_t) = sum over the previous
+  `window` positions i < t with y_i = y_t of softmax_i(theta h_t . h_i), and the mixture
+  (1 - lam) p_model + lam p_cache. Only targets already scored enter the cache: position t
+  never sees y_t. The first target (an empty cache) keeps (1 - lam) p_model. At lam = 0 the
+  result is `log_p` itself.
+
+  Args:
+    log_p: float [N], log p_model(y_t), in the order of the text (`log_probs_and_hidden`).
+    hidden: [N, d], h_t.
+    targets: int [N], y_t.
+    window: how many previous positions the cache holds, > 0.
+    theta: the flatness of the cache's distribution, >= 0.
+    lam: the cache's weight in the mixture, in [0, 1].
+    chunk: targets per [chunk, chunk + window] block of scores.
+
+  Returns:
+    float64 [N].
+  """
+  log_p = np.asarray(log_p, np.float64)
+  if lam == 0:
+    return log_p
+  hidden = np.asarray(hidden, np.float64)
+  targets = np.asarray(targets)
+  n = len(log_p)
+  log_cache = np.full(n, -np.inf)
+  for start in range(0, n, chunk):
+    stop = min(start + chunk, n)
+    first = max(0, start - window)
+    scores = theta * hidden[start:stop] @ hidden[first:stop].T  # [queries, keys]
+    query = np.arange(start, stop)[:, None]
+    key = np.arange(first, stop)[None, :]
+    seen = (key < query) & (key >= query - window)
+    hit = seen & (targets[first:stop][None, :] == targets[start:stop][:, None])
+    scores = np.where(seen, scores, -np.inf)
+    top = np.max(scores, axis=1, keepdims=True)
+    weights = np.exp(scores - np.where(np.isfinite(top), top, 0.0))  # 0 where not seen
+    total = np.sum(weights, axis=1)
+    matched = np.sum(np.where(hit, weights, 0.0), axis=1)
+    with np.errstate(divide='ignore', invalid='ignore'):
+      log_cache[start:stop] = np.where(matched > 0, np.log(matched) - np.log(total), -np.inf)
+  with np.errstate(divide='ignore'):
+    return np.logaddexp(np.log1p(-lam) + log_p, np.log(lam) + log_cache)
+
+
+def _check_cache(window: int, theta: float, lam: float) -> None:
+  if window < 1:
+    raise UserError(f'the cache window must be >= 1 position, got {window}')
+  if theta < 0:
+    raise UserError(f'the cache theta must be >= 0, got {theta}')
+  if not 0 <= lam <= 1:
+    raise UserError(f'the cache lambda is a mixture weight in [0, 1], got {lam}')
+
+
+def _check_dynamic(segment: int, lr: float, decay: float, epsilon: float, method: str) -> None:
+  if method not in DYNAMIC_METHODS:
+    raise UserError(f'the dynamic evaluation method is one of {DYNAMIC_METHODS}, got {method!r}')
+  if segment < 1 or lr < 0 or decay < 0 or epsilon <= 0:
+    raise UserError(f'dynamic evaluation needs segment >= 1, lr >= 0, decay >= 0 and'
+                    f' epsilon > 0, got {segment}, {lr}, {decay}, {epsilon}')
+
+
+def _segment_loss(model, params, carry, inputs, targets, weights):
+  """Mean cross-entropy of one segment [rows, steps] (padding weighted 0), and (log p of each
+  target, the next carry, h)."""
+  (logits, carry), sown = model.apply({'params': params}, inputs, carry,
+                                      mutable=['intermediates'])
+  ce = losses.cross_entropy(logits, targets)
+  mean = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return mean, (-ce, carry, sown['intermediates']['hidden'][0])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _add_squared_gradient(model, params, carry, inputs, targets, sum_sq):
+  grads, (_, carry, _) = jax.grad(_segment_loss, argnums=1, has_aux=True)(
+      model, params, carry, inputs, targets, jnp.ones(targets.shape, jnp.float32))
+  return carry, jax.tree.map(lambda s, g: s + jnp.square(g), sum_sq, grads)
+
+
+def gradient_rms(
+    model: models.LanguageModel, params: Any, train_ids: np.ndarray,
+    segment: int = DYNAMIC_SEGMENT, batch_size: int = DYNAMIC_STATS_BATCH,
+    max_batches: Optional[int] = None,
+) -> Any:
+  """Krause et al.'s gradient statistics: per weight, the root mean square over the windows of
+  the train split ([batch_size, segment] each, state carried, no dropout) of the gradient of
+  the window's mean cross-entropy. A pytree like `params`."""
+  streams = data_lib.train_streams(train_ids, batch_size)
+  count = data_lib.num_train_windows(streams, segment)
+  if max_batches is not None:
+    count = min(count, max_batches)
+  if count < 1:
+    raise UserError(f'the train split is too short for gradient statistics at batch'
+                    f' {batch_size} x {segment} tokens')
+  carry = model.initial_carry(batch_size)
+  sum_sq = jax.tree.map(jnp.zeros_like, params)
+  for i in range(count):
+    carry, sum_sq = _add_squared_gradient(model, params, carry,
+                                          *data_lib.train_window(streams, i, segment), sum_sq)
+  return jax.tree.map(lambda s: jnp.sqrt(s / count), sum_sq)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _dynamic_pass(model, params, rms, inputs, targets, weights, method, lr, decay, epsilon):
+  """Scores then learns each segment in turn: inputs, targets, weights [segments, 1, steps]."""
+  if method == 'rms':
+    # Decay toward the trained weights at a rate per weight, RMS / mean RMS (the mean over
+    # the tensors of their mean), clipped at 1 / decay so that no step overshoots them.
+    mean_rms = sum(jnp.mean(r) for r in jax.tree.leaves(rms)) / len(jax.tree.leaves(rms))
+    rates = jax.tree.map(lambda r: jnp.minimum(r / mean_rms, 1.0 / decay), rms)
+    scale = jax.tree.map(lambda r: 1.0 / (r + epsilon), rms)
+  else:  # plain SGD with a uniform decay
+    rates = scale = jax.tree.map(jnp.ones_like, params)
+
+  def step(state, segment):
+    current, carry = state
+    x, y, w = segment
+    grads, (log_p, carry, hidden) = jax.grad(_segment_loss, argnums=1, has_aux=True)(
+        model, current, carry, x, y, w)
+    current = jax.tree.map(
+        lambda p, p0, g, r, s: p + decay * r * (p0 - p) - lr * g * s,
+        current, params, grads, rates, scale)
+    return (current, jax.lax.stop_gradient(carry)), (log_p[0], hidden[0])
+
+  (final, _), (log_p, hidden) = jax.lax.scan(
+      step, (params, model.initial_carry(1)), (inputs, targets, weights))
+  return log_p, hidden, final
+
+
+def dynamic_log_probs(
+    model: models.LanguageModel, params: Any, ids: np.ndarray, rms: Any = None,
+    segment: int = DYNAMIC_SEGMENT, lr: float = DYNAMIC_LR, decay: float = DYNAMIC_DECAY,
+    epsilon: float = DYNAMIC_EPSILON, method: str = 'rms',
+) -> tuple[np.ndarray, np.ndarray, Any]:
+  """Dynamic evaluation (Krause et al. 2018) of the token stream `ids` at batch 1.
+
+  The stream is cut into segments of `segment` targets. Each segment is first scored with the
+  current weights, then the weights take one step on its mean cross-entropy (gradient
+  truncated at the segment, state carried, no dropout): with method 'rms',
+  w <- w - lr g / (rms + epsilon) + decay rate (w0 - w), where rate = rms / mean rms
+  (`gradient_rms`; at most 1 / decay); with 'sgd', w <- w - lr g + decay (w0 - w). w0 are
+  `params`. Every target is scored once, before any step that used it.
+
+  Returns:
+    (log p of every target, float64 [len(ids) - 1]; the read-out's input h that predicted it,
+    float32 [len(ids) - 1, d]; the weights after the last step).
+  """
+  _check_dynamic(segment, lr, decay, epsilon, method)
+  if method == 'rms' and rms is None:
+    raise UserError("method 'rms' needs the gradient statistics `rms` (`gradient_rms`)")
+  ids = np.asarray(ids, np.int32)
+  n = len(ids) - 1
+  padded = -(-n // segment) * segment
+  cut = lambda a: np.pad(a, (0, padded - n)).reshape(-1, 1, segment)
+  log_p, hidden, final = _dynamic_pass(
+      model, params, rms if method == 'rms' else None, cut(ids[:-1]), cut(ids[1:]),
+      cut(np.ones(n, np.float32)), method, lr, decay, epsilon)
+  log_p = np.asarray(log_p, np.float64).reshape(-1)[:n]
+  return log_p, np.asarray(hidden).reshape(padded, -1)[:n], final
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuralCache:
+  """The settings of `neural_cache_log_probs`."""
+  window: int = CACHE_WINDOW
+  theta: float = CACHE_THETA
+  lam: float = CACHE_LAMBDA
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicEval:
+  """The settings of `dynamic_log_probs`, and of its `gradient_rms` on the train split
+  (`stats_batches`: at most this many [100, segment] windows; None: the whole split)."""
+  segment: int = DYNAMIC_SEGMENT
+  lr: float = DYNAMIC_LR
+  decay: float = DYNAMIC_DECAY
+  epsilon: float = DYNAMIC_EPSILON
+  method: str = 'rms'
+  stats_batches: Optional[int] = None
+
+
+def adapted_perplexities(
+    config: ml_collections.ConfigDict, model: models.LanguageModel, params: Any,
+    corpus: data_lib.Corpus, splits: tuple[str, ...] = ('valid', 'test'),
+    dynamic: Optional[DynamicEval] = None, cache: Optional[NeuralCache] = None,
+) -> dict[str, float]:
+  """{'valid_ppl': ..., 'test_ppl': ...} with dynamic evaluation and/or the neural cache (on
+  the dynamically evaluated model's states when both), and the same without either
+  ('valid_plain_ppl', ...): at batch 1, every target once, each split from the trained
+  weights."""
+  if cache is not None:
+    _check_cache(cache.window, cache.theta, cache.lam)
+  if dynamic is not None:
+    _check_dynamic(dynamic.segment, dynamic.lr, dynamic.decay, dynamic.epsilon, dynamic.method)
+    if dynamic.stats_batches is not None and dynamic.stats_batches < 1:
+      raise UserError(f'the gradient statistics need at least 1 train window, got'
+                      f' {dynamic.stats_batches}')
+  rms = None
+  if dynamic is not None and dynamic.method == 'rms':
+    rms = gradient_rms(model, params, corpus.splits['train'], dynamic.segment,
+                       max_batches=dynamic.stats_batches)
+  ppls = {}
+  for split in splits:
+    ids = corpus.splits[split]
+    if config.eval_max_tokens is not None:
+      ids = ids[:config.eval_max_tokens + 1]
+    plain, hidden, targets = log_probs_and_hidden(
+        model, params, data_lib.eval_windows(ids, 1, config.bptt))
+    log_p = plain
+    if dynamic is not None:
+      log_p, hidden, _ = dynamic_log_probs(model, params, ids, rms, dynamic.segment, dynamic.lr,
+                                           dynamic.decay, dynamic.epsilon, dynamic.method)
+    if cache is not None:
+      log_p = neural_cache_log_probs(log_p, hidden, targets, cache.window, cache.theta,
+                                     cache.lam)
+    ppls[f'{split}_ppl'] = float(np.exp(-np.mean(log_p)))
+    ppls[f'{split}_plain_ppl'] = float(np.exp(-np.mean(plain)))
+  return ppls

@@ -415,11 +415,17 @@ def evaluate_trained(
 ) -> dict[str, float]:
   """{'valid_ppl': ..., 'test_ppl': ...} of a loaded model on its corpus, at
   `config.test_batch_size` (as `evaluation.split_perplexities`)."""
+  return evaluation.split_perplexities(trained.config, trained.model,
+                                       evaluation.make_eval_step(trained.model), trained.params,
+                                       trained_corpus(trained), tuple(splits))
+
+
+def trained_corpus(trained: Trained) -> data_lib.Corpus:
+  """The corpus a loaded model was trained on; a UserError if its vocabulary is not the
+  model's."""
   config = trained.config
   corpus = data_lib.load_corpus(config.data.corpus, config.data.dir, config.data.tfds_dir)
   if corpus.vocab != trained.vocab:
     raise UserError(f'the model was trained on another corpus than {config.data.corpus!r}:'
                     ' pass the config it was trained with')
-  return evaluation.split_perplexities(config, trained.model,
-                                       evaluation.make_eval_step(trained.model), trained.params,
-                                       corpus, tuple(splits))
+  return corpus

@@ -65,6 +65,9 @@ class LanguageModel(nn.Module):
     if masks is not None and masks['embed'] is not None:
       x = x * dropout.gather_word_mask(masks['embed'], tokens)
     h, carry = self.core(x, carry, None if masks is None else masks['core'])
+    # The read-out's input [batch, time, d], for whoever asks with mutable=['intermediates']
+    # (the neural cache, `evaluation.log_probs_and_hidden`); nothing is kept otherwise.
+    self.sow('intermediates', 'hidden', h)
     # The read-out on [batch * time, d]: with the 3-D einsum, XLA on the CPU computes the
     # [tokens, V] logits gradient twice, once in a transposed layout for dE (a third of the
     # small LSTM's step).
