@@ -197,7 +197,7 @@ class Checkpointer:
         os.path.join(root, 'latest'), options=options(keep_latest, 'latest'))
     self._best = ocp.CheckpointManager(os.path.join(root, 'best'), options=options(1, 'best'))
     for manager in (self._latest, self._best):
-      # Training decides when a preemption saves (train._StopSignals), asking JAX's sync point
+      # Training decides when a preemption saves (stop_signals.StopSignals), asking JAX's sync point
       # once a step from the main thread. Orbax's own asks (in its save, and in the thread that
       # finalizes a save, with that save's older step) would report a step JAX's agreement
       # could then settle below, and log it.

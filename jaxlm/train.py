@@ -1,4 +1,4 @@
-"""Training and evaluation: the train state, the jitted train and eval steps, the epoch loop.
+"""Training: the train state, the loss, the jitted train step, and `fit`, the loop over them.
 
 One batch's way: windows x, y int32[batch, bptt] -> `train_step(state, x, y)`: masks drawn
 from fold_in(key, step) -> logits [batch, bptt, V] -> CE + alpha * KL (+ L2) -> clip -> SGD.
@@ -6,16 +6,12 @@ Every array has the batch axis first, so spreading the step over devices is a ma
 shardings (nothing per-device happens in Python).
 """
 
-import contextlib
 import dataclasses
 import errno
 import functools
-import math
 import os
-import signal
-import threading
 import time
-from typing import Any, Callable, Iterator, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from absl import logging
 import flax
@@ -39,6 +35,9 @@ from jaxlm.checkpoint import model_signature, save_config
 from jaxlm.checkpoint import save_or_check_vocab
 from jaxlm.errors import Stopped, UserError
 from jaxlm.metrics import MetricsWriter
+from jaxlm.stop_signals import StopSignals
+from jaxlm.train_log import Progress, TrainLog
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -52,10 +51,6 @@ class TrainState:
 
 
 _now = time.monotonic  # the clock of the time-based saves (replaced in tests)
-
-
-class TrainingDiverged(UserError):
-  """The loss became non-finite; the last good checkpoint is kept."""
 
 
 def epoch_learning_rate(optim: ml_collections.ConfigDict, epoch: int) -> float:
@@ -268,31 +263,6 @@ def make_train_step(
                  out_shardings=(state_shardings, sharding.replicated(mesh)))
 
 
-@dataclasses.dataclass
-class Progress:
-  """What the latest checkpoint keeps beside the train state: what its step cannot give.
-
-  The position in the data is the step's: epoch index and window `divmod(step,
-  steps_per_epoch)`. A checkpoint at an epoch's last step is always saved after that epoch's
-  validation, so it resumes with the next epoch.
-  """
-
-  best_valid_ppl: float = math.inf
-  epoch_ce_sum: float = 0.0  # CE summed over the steps done in the epoch in progress
-  interval_ce_sum: float = 0.0  # and over those since the last `train` line (its train_ppl)
-  interval_steps: int = 0
-
-  @classmethod
-  def from_meta(cls, meta: dict[str, Any], step: int, steps_per_epoch: int) -> 'Progress':
-    """From a checkpoint's meta. That of jaxlm before 2026-11-26 also held the position
-    (`epoch`, `window`) and `epoch_tokens`, which the step gives: checked, then dropped."""
-    saved = meta['progress']
-    if 'window' in saved and (saved['epoch'], saved['window']) != divmod(step, steps_per_epoch):
-      logging.warning('the checkpoint of step %d says epoch index %d, window %d; the step says'
-                      ' %s: resuming at the step\'s', step, saved['epoch'], saved['window'],
-                      divmod(step, steps_per_epoch))
-    return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
-
 def machine_description() -> str:
   """What the run computes on, e.g. 'cpu: AMD EPYC 7B13 (2 cores)' or '8 x TPU v4'."""
   devices = jax.devices()
@@ -348,38 +318,40 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
   the next step (every process the same) and raise `Stopped`.
   """
   with jax.default_matmul_precision(config.model.matmul_precision), \
-      _StopSignals(handle_signals) as signals:
-    return _fit(config, workdir, signals)
-
-
-def _fit(config: ml_collections.ConfigDict, workdir: str,
-         signals: '_StopSignals') -> dict[str, float]:
-  run, state = _setup(config, workdir, signals)
-  failed = True
-  try:
-    state, progress, resumed = _restore(run, state)
-    step = int(state.step)
-    run.writer = MetricsWriter(run.workdir, resume_step=step if resumed else None,
-                               enabled=jax.process_index() == 0)
-    run.writer.write('start', step, machine=machine_description(),
-                     processes=jax.process_count(), jax_version=jax.__version__)
-    clock = _Clock()
-    while step < run.total_steps and not signals.reached(step):
-      state, progress, step = _train_epoch(run, state, progress, step, clock)
-    if signals.reached(step):
-      _stop(run, state, progress, step)
-    run.checkpointer.wait()
-    with signals.stopping_at_once(
-        f'during the final evaluation; training ended at step {step}, saved in'
-        f' {run.checkpointer.latest_dir(step)}: run the same command to evaluate'):
-      result = _final_evaluation(run, state, step)
-    failed = False
+      StopSignals(handle_signals) as signals:
+    run, state = _setup(config, workdir)
+    log = None
+    try:
+      state, progress, resumed = _restore(run, state)
+      step = int(state.step)
+      log = _train_log(run, progress, resume_step=step if resumed else None)
+      last_save = _now()
+      while step < run.total_steps and not signals.reached(step):
+        window_index = step % run.steps_per_epoch
+        if window_index == 0:  # every epoch starts from a zero state
+          state = state.replace(carry=run.initial_carry())
+        window = data_lib.train_window(run.streams, window_index, config.bptt)
+        state, metrics = run.train_step(state, *run.put_window(window))
+        step += 1
+        log.record(step, metrics)  # reads the previous step's: the host stays a step ahead
+        if step % run.steps_per_epoch == 0 or step == run.total_steps:
+          last_save = _end_epoch(run, state, log, step)
+        elif signals.reached(step) or _save_due(config, step, last_save):
+          last_save = _save_latest(run, step, state, log)
+      if signals.reached(step):
+        _stop(run, state, log, step, signals)
+      run.checkpointer.wait()
+      with signals.stopping_at_once(
+          f'during the final evaluation; training ended at step {step}, saved in'
+          f' {run.checkpointer.latest_dir(step)}: run the same command to evaluate'):
+        result = _final_evaluation(run, state, step, log.writer)
+    except BaseException as e:
+      if isinstance(e, Exception):
+        _raise_if_disk_full(run, e)
+      _close(run, log, quietly=True)
+      raise
+    _close(run, log)
     return result
-  except Exception as e:  # pylint: disable=broad-except
-    _raise_if_disk_full(run, e)
-    raise
-  finally:
-    _close(run, failed)
 
 
 @dataclasses.dataclass
@@ -403,17 +375,13 @@ class _Run:
   put_window: Callable  # host window -> global arrays on the mesh
   initial_carry: Callable  # () -> the zero carry, on the mesh
   checkpointer: Checkpointer
-  signals: '_StopSignals'
-  writer: Optional[MetricsWriter] = None
-  last_save: float = dataclasses.field(default_factory=lambda: _now())  # of the latest state
 
   @property
   def tokens_per_step(self) -> int:
     return self.config.batch_size * self.config.bptt
 
 
-def _setup(config: ml_collections.ConfigDict, workdir: str,
-           signals: '_StopSignals') -> tuple[_Run, TrainState]:
+def _setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, TrainState]:
   """Checks the config and the workdir, writes config.json and vocab.txt, builds the model,
   the steps and the initial state."""
   config_lib.validate(config)
@@ -450,7 +418,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
       put_window=lambda window: sharding.put_batch(window, batch, config.batch_size),
       initial_carry=jax.jit(lambda: model.initial_carry(config.batch_size),
                             out_shardings=shardings.carry),
-      checkpointer=Checkpointer(workdir), signals=signals)
+      checkpointer=Checkpointer(workdir))
   return run, state
 
 
@@ -486,154 +454,72 @@ def _restore(run: _Run, state: TrainState) -> tuple[TrainState, Progress, bool]:
   return state, progress, True
 
 
-def _train_epoch(run: _Run, state: TrainState, progress: Progress, step: int,
-                 clock: '_Clock') -> tuple[TrainState, Progress, int]:
-  """Trains from `step` to the end of its epoch (or of the run), then validates and saves;
-  stops early, saved, at a step where every process agreed to stop on a signal."""
-  epoch_end = min((step // run.steps_per_epoch + 1) * run.steps_per_epoch, run.total_steps)
-  if step % run.steps_per_epoch == 0:
-    state = state.replace(carry=run.initial_carry())
-  state, step = _train_steps(run, state, progress, step, epoch_end, clock)
-  if step == epoch_end:
-    progress = _end_epoch(run, state, progress, step, clock)
-  return state, progress, step
+def _train_log(run: _Run, progress: Progress, resume_step: Optional[int]) -> TrainLog:
+  """The run's metrics file (kept up to `resume_step` when resuming), its `start` line, and
+  the log that writes the rest."""
+  writer = MetricsWriter(run.workdir, resume_step=resume_step,
+                         enabled=jax.process_index() == 0)
+  writer.write('start', resume_step or 0, machine=machine_description(),
+               processes=jax.process_count(), jax_version=jax.__version__)
+  return TrainLog(writer, progress, workdir=run.workdir, steps_per_epoch=run.steps_per_epoch,
+                  total_steps=run.total_steps, tokens_per_step=run.tokens_per_step,
+                  log_every=run.config.log_every, last_saved_step=run.checkpointer.latest_step,
+                  check_saves=run.checkpointer.check_errors)
 
 
-def _train_steps(run: _Run, state: TrainState, progress: Progress, step: int, end: int,
-                 clock: '_Clock') -> tuple[TrainState, int]:
-  """Steps `step + 1` to `end`, saving on the way (not at `end`: after its validation).
-
-  Step t is dispatched before step t-1's metrics are read, so the host prepares the next
-  window while the device works. The pending metrics are read before every save, so a
-  non-finite loss never reaches a checkpoint.
-  """
-  pending = None
-  while step < end:
-    window = data_lib.train_window(run.streams, step % run.steps_per_epoch, run.config.bptt)
-    state, metrics = run.train_step(state, *run.put_window(window))
-    step += 1
-    if pending is not None:
-      _record(run, progress, clock, *pending)
-    pending = (step, metrics)
-    stop = run.signals.reached(step)
-    if step < end and (stop or _save_due(run, step)):
-      _record(run, progress, clock, *pending)
-      pending = None
-      _save_latest(run, step, state, progress)
-      if stop:
-        break
-  if pending is not None:
-    _record(run, progress, clock, *pending)
-  return state, step
-
-
-def _record(run: _Run, progress: Progress, clock: '_Clock', step: int,
-            metrics: dict[str, jax.Array]) -> None:
-  """Host-side bookkeeping of step `step`, read one step after its dispatch."""
-  metrics = jax.device_get(metrics)
-  clock.tick()
-  if not np.isfinite(metrics['loss']):
-    last = run.checkpointer.latest_step()
-    kept = 'no checkpoint was saved yet' if last is None else (
-        f'the last good checkpoint (step {last}) is kept in {run.workdir}')
-    raise TrainingDiverged(
-        f'the loss became {metrics["loss"]} at step {step} (epoch'
-        f' {(step - 1) // run.steps_per_epoch + 1}); {kept}: lower optim.learning_rate or'
-        ' optim.clip_norm and use a new --workdir'
-    )
-  ce = float(metrics['ce_sum'])
-  progress.epoch_ce_sum += ce
-  progress.interval_ce_sum += ce
-  progress.interval_steps += 1
-  if step % run.config.log_every == 0 or step == run.total_steps:
-    _write_train_line(run, progress, clock, step, metrics)
-
-
-def _write_train_line(run: _Run, progress: Progress, clock: '_Clock', step: int,
-                      metrics: dict[str, Any]) -> None:
-  """The `train` line of step `step`: its loss, the train perplexity since the last line,
-  the speed and the ETA (from the run's second step on: the first one compiles)."""
-  tokens = run.tokens_per_step
-  train_ppl = perplexity(progress.interval_ce_sum / (progress.interval_steps * tokens))
-  run_seconds = clock.run.seconds_per_step()
-  seconds = clock.interval.seconds_per_step() or run_seconds  # the run's after a validation
-  speed = {} if seconds is None else {'tokens_per_sec': tokens / seconds}
-  run.writer.write('train', step, epoch=(step - 1) // run.steps_per_epoch + 1,
-                   loss=metrics['loss'], train_ppl=train_ppl, kl=metrics['kl_sum'] / tokens,
-                   grad_norm=metrics['grad_norm'], **speed)
-  eta = ('speed and ETA from the next line on' if seconds is None else
-         f'{tokens / seconds:.0f} tokens/s, ETA'
-         f' {_format_duration((run.total_steps - step) * run_seconds)}')
-  logging.info('step %d/%d epoch %d: loss %.3f train ppl %.2f, %s', step, run.total_steps,
-               (step - 1) // run.steps_per_epoch + 1, metrics['loss'], train_ppl, eta)
-  progress.interval_ce_sum, progress.interval_steps = 0.0, 0
-  clock.interval = _Tally()
-  run.checkpointer.check_errors()  # a failed asynchronous save shows within log_every steps
-
-
-def _end_epoch(run: _Run, state: TrainState, progress: Progress, step: int,
-               clock: '_Clock') -> Progress:
+def _end_epoch(run: _Run, state: TrainState, log: TrainLog, step: int) -> float:
   """At an epoch's end (or the run's, mid-epoch): validation, the epoch line, the best
-  parameters when better, then the latest state. Returns the progress to go on with."""
-  epoch, window = divmod(step, run.steps_per_epoch)
-  complete = window == 0
-  number, steps_done = (epoch, run.steps_per_epoch) if complete else (epoch + 1, window)
-  seconds = clock.epoch.seconds_per_step(untimed_too=True)
+  parameters when better, then the latest state. Returns the time of that save."""
+  log.flush()
   valid_ppl = evaluation.evaluate(run.model, run.eval_step, state.params, run.valid_windows,
                                   sharding.placer(run.mesh, run.config.eval_batch_size))
-  run.writer.write(
-      'epoch', step, epoch=number, complete=complete,
-      lr=epoch_learning_rate(run.config.optim, number),
-      train_ppl=perplexity(progress.epoch_ce_sum / (steps_done * run.tokens_per_step)),
-      valid_ppl=valid_ppl, tokens_per_sec=run.tokens_per_step / seconds,
-      **subspace_metrics(state.params), **run.probe(state.params, *run.probe_window),
-  )
-  logging.info('epoch %d%s: valid ppl %.2f', number, '' if complete else ' (partial)',
-               valid_ppl)
-  if valid_ppl < progress.best_valid_ppl:
-    progress.best_valid_ppl = valid_ppl
+  number = -(-step // run.steps_per_epoch)  # the epoch `step` ends (or is in)
+  log.epoch_line(step, valid_ppl, lr=epoch_learning_rate(run.config.optim, number),
+                 **subspace_metrics(state.params), **run.probe(state.params, *run.probe_window))
+  if valid_ppl < log.progress.best_valid_ppl:
+    log.progress.best_valid_ppl = valid_ppl
     run.checkpointer.save_best(step, state.params, {
         'signature': run.signature, 'epoch': number, 'step': step, 'valid_ppl': valid_ppl})
-  if complete:
-    progress = Progress(best_valid_ppl=progress.best_valid_ppl)
-    clock.epoch = clock.interval = _Tally()
-  _save_latest(run, step, state, progress)
-  clock.pause()  # the next step's time would include the validation
-  return progress
+  saved = _save_latest(run, step, state, log)
+  log.pause()  # the next step's time would include the validation
+  return saved
 
 
-def _save_due(run: _Run, step: int) -> bool:
+def _save_due(config: ml_collections.ConfigDict, step: int, last_save: float) -> bool:
   """Whether to save the latest state after step `step`: every `checkpoint_every` steps, and
   at the first `train` line `checkpoint_every_secs` after the last save (process 0's clock
   decides for every process)."""
-  config = run.config
   if step % config.checkpoint_every == 0:
     return True
   if not config.checkpoint_every_secs or step % config.log_every:
     return False
-  due = _now() - run.last_save >= config.checkpoint_every_secs
+  due = _now() - last_save >= config.checkpoint_every_secs
   if jax.process_count() > 1:
     due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
   return due
 
 
-def _save_latest(run: _Run, step: int, state: TrainState, progress: Progress) -> None:
+def _save_latest(run: _Run, step: int, state: TrainState, log: TrainLog) -> float:
+  """Saves the state of `step` (asynchronously) once its metrics are read; returns when."""
+  log.flush()
   run.checkpointer.save_latest(
-      step, state, {'signature': run.signature, 'progress': dataclasses.asdict(progress)})
-  run.last_save = _now()
+      step, state, {'signature': run.signature, 'progress': dataclasses.asdict(log.progress)})
+  return _now()
 
 
-def _stop(run: _Run, state: TrainState, progress: Progress, step: int) -> NoReturn:
+def _stop(run: _Run, state: TrainState, log: TrainLog, step: int,
+          signals: StopSignals) -> NoReturn:
   """Saves the state of `step` (unless it is saved) and raises Stopped."""
   if run.checkpointer.latest_step() != step:
-    _save_latest(run, step, state, progress)
+    _save_latest(run, step, state, log)
   run.checkpointer.wait()
-  raise Stopped(f'{run.signals.name} at step {step}: the train state is saved in'
+  raise Stopped(f'{signals.name} at step {step}: the train state is saved in'
                 f' {run.checkpointer.latest_dir(step)}; run the same command to resume',
-                run.signals.exit_status)
+                signals.exit_status)
 
 
-def _final_evaluation(run: _Run, state: TrainState, step: int) -> dict[str, float]:
+def _final_evaluation(run: _Run, state: TrainState, step: int,
+                      writer: MetricsWriter) -> dict[str, float]:
   """The best parameters (the last ones when no best checkpoint reads back) on the validation
   and test sets at `test_batch_size`; the `test` line."""
   try:
@@ -650,7 +536,7 @@ def _final_evaluation(run: _Run, state: TrainState, step: int) -> dict[str, floa
   # the `test` line, not in the result a run prints.
   diagnostics = {**run.probe(params, *run.probe_window),
                  **target_sharpness(params, run.config.loss.temperature, run.corpus)}
-  run.writer.write('test', step, **final, **diagnostics)
+  writer.write('test', step, **final, **diagnostics)
   logging.info('best parameters: valid ppl %.2f, test ppl %.2f (batch %d)',
                final['valid_ppl'], final['test_ppl'], run.config.test_batch_size)
   return {**final, 'step': step}
@@ -673,154 +559,14 @@ def _raise_if_disk_full(run: _Run, error: Exception) -> None:
     error = error.__cause__ or error.__context__
 
 
-def _close(run: _Run, failed: bool) -> None:
-  """Waits for the saves in flight, then closes the checkpoints and the metrics. After a
-  failure, their errors (the same failure again, mostly) are not raised over it."""
+def _close(run: _Run, log: Optional[TrainLog], quietly: bool = False) -> None:
+  """Waits for the saves in flight, then closes the checkpoints and the metrics. `quietly`
+  (after a failure): their errors, mostly the same failure again, are not raised over it."""
   for close in (run.checkpointer.wait, run.checkpointer.close,
-                run.writer.close if run.writer else None):
+                log.writer.close if log else None):
     try:
       if close is not None:
         close()
     except Exception:  # pylint: disable=broad-except
-      if not failed:
+      if not quietly:
         raise
-
-
-@dataclasses.dataclass
-class _Tally:
-  """Train steps and their seconds: those timed, and those that were not (see `_Clock`)."""
-
-  seconds: float = 0.0
-  steps: int = 0
-  untimed_seconds: float = 0.0
-  untimed_steps: int = 0
-
-  def add(self, seconds: float, timed: bool) -> None:
-    if timed:
-      self.seconds, self.steps = self.seconds + seconds, self.steps + 1
-    else:
-      self.untimed_seconds += seconds
-      self.untimed_steps += 1
-
-  def seconds_per_step(self, untimed_too: bool = False) -> Optional[float]:
-    """Over the timed steps; with `untimed_too`, over all steps when none was timed."""
-    if self.steps:
-      return self.seconds / self.steps
-    if untimed_too and self.untimed_steps:
-      return max(self.untimed_seconds, 1e-9) / self.untimed_steps
-    return None
-
-
-class _Clock:
-  """The time of each train step, for the speed and the ETA: from the host reading the
-  previous step's metrics to reading its own. The first step of a run (its time includes
-  compiling) and the first after a validation are not timed."""
-
-  def __init__(self):
-    # Since the last train line; in this epoch; in this run (for the ETA).
-    self.interval, self.epoch, self.run = _Tally(), _Tally(), _Tally()
-    self._last: Optional[float] = None  # when the last step was read; None: not timed
-    self._since = time.perf_counter()
-
-  def tick(self) -> None:
-    """A step was read."""
-    now = time.perf_counter()
-    timed = self._last is not None
-    seconds = now - (self._last if timed else self._since)
-    for tally in (self.interval, self.epoch, self.run):
-      tally.add(seconds, timed)
-    self._last = now
-
-  def pause(self) -> None:
-    """Something other than training ran since the last step."""
-    self._last, self._since = None, time.perf_counter()
-
-
-class _StopSignals:
-  """SIGTERM and SIGINT while `fit` runs: noted, and acted on at a step every process agrees
-  on (`reached`), where training saves and raises Stopped; during the final evaluation
-  (training is saved) at once, on one process.
-
-  One process: Python handlers, and the step after the signal. Several processes (after
-  `jax.distributed.initialize`, which installs JAX's own SIGTERM handler): JAX's preemption
-  service agrees on the step after the furthest process's; a SIGINT is turned into a SIGTERM
-  to this process, so it takes the same way. The handlers are restored on exit.
-  """
-
-  def __init__(self, enabled: bool = True):
-    self.received: Optional[int] = None  # the first signal's number
-    self._enabled = enabled and threading.current_thread() is threading.main_thread()
-    self._jax_service = False
-    self._stopping = False
-    self._at_once: Optional[str] = None  # set: raise Stopped from the handler, with this
-    self._previous: dict[int, Any] = {}
-
-  def __enter__(self) -> '_StopSignals':
-    if not self._enabled:
-      return self
-    self._jax_service = (jax.distributed.is_initialized()
-                         and jax.config.jax_enable_preemption_service)
-    if jax.process_count() > 1 and not self._jax_service:
-      logging.warning('jax_enable_preemption_service is off: SIGTERM and SIGINT stop the'
-                      ' processes without saving')
-      return self
-    for signum in (signal.SIGTERM, signal.SIGINT):
-      if not (signum == signal.SIGTERM and self._jax_service):
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-    self._previous.clear()
-
-  @property
-  def name(self) -> str:
-    return signal.Signals(self.received or signal.SIGTERM).name
-
-  @property
-  def exit_status(self) -> int:
-    return 128 + (self.received or signal.SIGTERM)
-
-  def reached(self, step: int) -> bool:
-    """Whether to stop after step `step` (stays true once it is)."""
-    if not self._stopping:
-      if self._jax_service:
-        self._stopping = multihost_utils.reached_preemption_sync_point(step)
-      else:
-        self._stopping = self.received is not None
-    return self._stopping
-
-  @contextlib.contextmanager
-  def stopping_at_once(self, message: str) -> Iterator[None]:
-    """Within, a signal raises Stopped('SIGNAL ' + message) at once (on one process)."""
-    if self._enabled and not self._jax_service:
-      self._at_once = message
-    try:
-      yield
-    finally:
-      self._at_once = None
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    del frame
-    first = self.received is None
-    if first:
-      self.received = signum
-    if self._jax_service:
-      if signum == signal.SIGINT and first:
-        os.kill(os.getpid(), signal.SIGTERM)  # to JAX's handler, and its agreement
-      return
-    if self._at_once is not None:  # a second signal while this one is raised: ignored
-      message, self._at_once = self._at_once, None
-      raise Stopped(f'{signal.Signals(signum).name} {message}', 128 + signum)
-
-
-def perplexity(mean_nll: float) -> float:
-  """exp(mean negative log-likelihood), inf past float64's range (a diverging run)."""
-  return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
-
-
-def _format_duration(seconds: float) -> str:
-  seconds = int(seconds)
-  hours, rest = divmod(seconds, 3600)
-  return f'{hours}h{rest // 60:02d}m' if hours else f'{rest // 60}m{rest % 60:02d}s'

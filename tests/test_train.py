@@ -21,6 +21,7 @@ from jaxlm import metrics
 from jaxlm import models
 from jaxlm import subspace
 from jaxlm import train
+from jaxlm import train_log
 from jaxlm.errors import Stopped, UserError
 from tests.conftest import restore_latest_state
 
@@ -151,7 +152,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
   tiny.optim.learning_rate = 1e38
   tiny.checkpoint_every = 1
-  with pytest.raises(train.TrainingDiverged, match=r'at step \d+ .*the last good checkpoint'):
+  with pytest.raises(train_log.TrainingDiverged, match=r'at step \d+ .*the last good checkpoint'):
     train.fit(tiny, str(tmp_path))
   state, _ = restore_latest_state(tmp_path)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
@@ -285,7 +286,7 @@ def nan_loss(step_metrics):
 def test_injected_nan_loss_at_a_checkpoint_step_is_not_saved(tiny, tmp_path, monkeypatch):
   tiny.checkpoint_every = 5
   inject_into_train_step(monkeypatch, {10: nan_loss})
-  with pytest.raises(train.TrainingDiverged, match=r'the loss became nan at step 10 .*step 5'):
+  with pytest.raises(train_log.TrainingDiverged, match=r'the loss became nan at step 10 .*step 5'):
     train.fit(tiny, str(tmp_path))
   assert latest_steps(tmp_path) == [5]  # the save of step 10 read its loss first
 
@@ -298,7 +299,7 @@ def test_injected_nan_loss_at_a_sigterm_step_is_not_saved(tiny, tmp_path, monkey
     return nan_loss(step_metrics)
 
   inject_into_train_step(monkeypatch, {12: nan_and_sigterm})
-  with pytest.raises(train.TrainingDiverged, match='at step 12'):
+  with pytest.raises(train_log.TrainingDiverged, match='at step 12'):
     train.fit(tiny, str(tmp_path))
   assert latest_steps(tmp_path) == [5, 10]
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # fit put the handler back
@@ -380,7 +381,7 @@ def test_position_comes_from_the_step_and_older_metas_resume(tiny, tmp_path):
   a, _ = restore_latest_state(tmp_path / 'straight')
   b, meta_b = restore_latest_state(resumed)
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  assert set(meta_b['progress']) == {f.name for f in dataclasses.fields(train.Progress)}
+  assert set(meta_b['progress']) == {f.name for f in dataclasses.fields(train_log.Progress)}
   epochs = [l for l in metrics.read_metrics(str(resumed)) if l['kind'] == 'epoch']
   assert [(l['epoch'], l['step'], l['complete']) for l in epochs] == [
       (1, 10, False), (1, 24, True), (2, 48, True)]
@@ -389,8 +390,8 @@ def test_position_comes_from_the_step_and_older_metas_resume(tiny, tmp_path):
 def test_progress_from_an_older_meta_checks_its_position(caplog):
   old = {'progress': {'epoch': 2, 'window': 5, 'best_valid_ppl': 90.0, 'epoch_ce_sum': 12.5,
                       'epoch_tokens': 5 * 700}}
-  assert train.Progress.from_meta(old, 2 * 100 + 5, 100) == train.Progress(
+  assert train_log.Progress.from_meta(old, 2 * 100 + 5, 100) == train_log.Progress(
       best_valid_ppl=90.0, epoch_ce_sum=12.5)
   assert not caplog.records
-  train.Progress.from_meta(old, 2 * 100 + 6, 100)
+  train_log.Progress.from_meta(old, 2 * 100 + 6, 100)
   assert 'says epoch index 2, window 5; the step says (2, 6)' in caplog.text
