@@ -1,7 +1,7 @@
 """Test-time adaptation of a trained workdir: the neural cache and dynamic evaluation, tuned on
 the validation split with small grids, then scored once on test (docs/using.md).
 
-  python experiments/tune_adaptation.py --workdir=~/jaxlm-runs/ptb_small_re_bias_s1 \
+  python experiments/tune_adaptation.py --workdir=runs/ptb_small_re_bias_s1 \
       --out=results/adaptation/ptb_small_re_bias_s1.json
 
 At batch 1, from the best checkpoint, every target scored once:
@@ -17,7 +17,6 @@ perplexities and wall times, and prints a Markdown row.
 import itertools
 import json
 import os
-import platform
 import time
 
 from absl import app
@@ -28,6 +27,7 @@ import numpy as np
 from jaxlm import data as data_lib
 from jaxlm import evaluation
 from jaxlm import inference
+from jaxlm import train
 from jaxlm.errors import UserError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir.')
@@ -37,7 +37,8 @@ _THETAS = flags.DEFINE_list('cache_thetas', ['0.1', '0.2', '0.3', '0.5', '0.7', 
                             'Cache flatness values to try.')
 _LAMBDAS = flags.DEFINE_list('cache_lambdas', ['0.05', '0.1', '0.15', '0.2', '0.3'],
                              'Cache mixture weights to try.')
-_LRS = flags.DEFINE_list('dynamic_lrs', ['2e-5', '5e-5', '1e-4'], 'Learning rates to try.')
+_LRS = flags.DEFINE_list('dynamic_lrs', ['5e-5', '1e-4', '2e-4', '4e-4'],
+                         'Learning rates to try.')
 _DECAYS = flags.DEFINE_list('dynamic_decays', ['0.0005', '0.002', '0.008'],
                             'Decays to try at the best learning rate.')
 
@@ -76,8 +77,9 @@ def main(argv: list[str]) -> None:
                                                     decay=decay)
     return log_p, hidden, time.time() - t
 
-  report = {'workdir': os.path.abspath(os.path.expanduser(_WORKDIR.value)),
-            'machine': f'{platform.processor() or platform.machine()}',
+  report = {'run': os.path.basename(os.path.normpath(os.path.expanduser(_WORKDIR.value))),
+            'machine': train.machine_description(),
+            'xla_flags': os.environ.get('XLA_FLAGS', ''),
             'jax_version': jax.__version__, 'segment': evaluation.DYNAMIC_SEGMENT,
             'epsilon': evaluation.DYNAMIC_EPSILON, 'method': 'rms'}
   log_p, hidden, targets = plain('valid')
@@ -131,7 +133,7 @@ def main(argv: list[str]) -> None:
   with open(_OUT.value, 'w', encoding='utf-8') as f:
     json.dump(report, f, indent=1)
   v, s = report['valid'], report['test']
-  print(f'| {os.path.basename(report["workdir"])} | ' + ' | '.join(
+  print(f'| {report["run"]} | ' + ' | '.join(
       f'{v[k]:.2f} / {s[k]:.2f}' for k in ('plain', 'cache', 'dynamic', 'both')) + ' |')
 
 
