@@ -7,8 +7,7 @@ At batch 1, every token multiplies a [1, hidden] state by each micro-layer's [hi
 CPU's cache holds, so each token reads them all from memory. This prints tokens/s and the
 memory traffic that makes for:
 - `jaxlm`: `models.rhn.rhn_scan` (the evaluation's recurrence) under jit, batch 1, no dropout,
-  its products through `jaxlm.cpu_matvec` (threaded), and in a subprocess with
-  `JAXLM_CPU_MATVEC=0` through XLA's dot (one thread);
+  its products XLA's dot;
 - `numpy, N threads`: the same products chained through NumPy's BLAS (the same kernels, in
   a subprocess with OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS = N): what
   one thread and every thread of this process's CPUs reach (the elementwise steps run in
@@ -37,7 +36,7 @@ _DEPTH = flags.DEFINE_integer('depth', 10, 'Micro-layers per step.')
 _TOKENS = flags.DEFINE_integer('tokens', 1024, 'Tokens per timed pass.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed passes; the median is printed.')
 _FORMULATIONS = flags.DEFINE_bool('formulations', False, 'Also time other ways to write it.')
-_WORKER = flags.DEFINE_enum('worker', '', ['', 'numpy', 'jaxlm'],
+_WORKER = flags.DEFINE_enum('worker', '', ['', 'numpy'],
                             'Internal: time only this chain and print its seconds a token.')
 PTB_TEST_TOKENS = 82_430
 
@@ -131,7 +130,7 @@ FORMULATIONS = ('dot', 'two dots', 'four dots', 'transposed dot', 'multiply-sum'
 
 
 def in_subprocess(worker: str, **env: str) -> float:
-  """Seconds a token of `worker`'s chain ('numpy' or 'jaxlm'), timed in a child process."""
+  """Seconds a token of `worker`'s chain ('numpy'), timed in a child process."""
   out = subprocess.run(
       [sys.executable, __file__, f'--worker={worker}', f'--hidden={_HIDDEN.value}',
        f'--depth={_DEPTH.value}', f'--tokens={_TOKENS.value}', f'--repeats={_REPEATS.value}'],
@@ -159,8 +158,7 @@ def main(argv: list[str]) -> None:
   del argv
   depth, hidden, tokens, repeats = _DEPTH.value, _HIDDEN.value, _TOKENS.value, _REPEATS.value
   if _WORKER.value:
-    chain = {'numpy': numpy_chain_seconds, 'jaxlm': jaxlm_seconds}[_WORKER.value]
-    print(json.dumps({'seconds_per_token': chain(depth, hidden, tokens, repeats)}))
+    print(json.dumps({'seconds_per_token': numpy_chain_seconds(depth, hidden, tokens, repeats)}))
     return
   megabytes = depth * hidden * 2 * hidden * 4 / 1e6
   cores = len(os.sched_getaffinity(0))
@@ -172,13 +170,7 @@ def main(argv: list[str]) -> None:
           ('numpy, 1 thread', numpy_in_subprocess(1))]
   if cores > 1:
     rows.append((f'numpy, {cores} threads', numpy_in_subprocess(cores)))
-  rows.append(('jaxlm rhn_scan (jit), XLA dot', in_subprocess('jaxlm', JAXLM_CPU_MATVEC='0')))
-  from jaxlm import cpu_matvec  # pylint: disable=g-import-not-at-top
-  if cpu_matvec.enabled():
-    rows.append((f'jaxlm rhn_scan (jit), cpu_matvec, {cpu_matvec.threads()} threads',
-                 jaxlm_seconds(depth, hidden, tokens, repeats)))
-  else:
-    print('jaxlm.cpu_matvec is not available here (see the warning above)')
+  rows.append(('jaxlm rhn_scan (jit), XLA dot', jaxlm_seconds(depth, hidden, tokens, repeats)))
   print_rows('what', rows, megabytes)
   if _FORMULATIONS.value:
     print_rows('the product written as (jit)', [

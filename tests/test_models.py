@@ -10,6 +10,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import models
+from jaxlm.models import common
 
 V, D, B, T = 23, 8, 4, 6
 
@@ -234,6 +235,26 @@ def test_bfloat16_compute_keeps_float32_parameters(arg):
   assert {leaf.dtype for leaf in jax.tree.leaves(carry16)} == {jnp.dtype('float32')}
   np.testing.assert_allclose(logits16, logits32, atol=0.05)
   assert not np.array_equal(logits16, logits32)  # the matmuls really ran in bfloat16
+
+
+@pytest.mark.parametrize('rows,k,n', [
+    (1, 830, 1660),  # a batch-1 step of the PTB RHN's micro-layer
+    (1, 13, 37),
+    (3, 100, 301),
+    (2, 0, 70),      # K = 0: zeros
+])
+def test_compute_matmul_is_float32_rounding_of_the_float64_product(rows, k, n):
+  """|x W - x W (float64)| <= gamma_K |x| |W|, gamma_K = K u / (1 - K u): the float32 error
+  bound of a K-term dot in any summation order (u = float32's unit roundoff)."""
+  rng = np.random.default_rng(k)
+  x = rng.uniform(-1, 1, (rows, k)).astype(np.float32)
+  w = rng.uniform(-1, 1, (k, n)).astype(np.float32)
+  got = jax.jit(common.compute_matmul)(x, w)
+  assert got.shape == (rows, n) and got.dtype == jnp.float32
+  x64, w64 = np.float64(x), np.float64(w)
+  u = np.finfo(np.float32).eps / 2
+  bound = k * u / (1 - k * u) * (np.abs(x64) @ np.abs(w64))
+  assert np.all(np.abs(np.float64(got) - x64 @ w64) <= bound)
 
 
 def test_readout_init_scale_sets_only_the_untied_readout():

@@ -131,6 +131,57 @@ def test_rhn_language_model_matches_numpy():
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+U32 = np.finfo(np.float32).eps / 2  # float32's unit roundoff
+
+
+def gamma(n):
+  """n u / (1 - n u): the float32 error of an n-term dot relative to |x| |w|, in any order."""
+  return n * U32 / (1 - n * U32)
+
+
+@pytest.mark.parametrize('separate', [False, True])
+def test_rhn_at_batch_one_matches_float64_within_float32_rounding(separate):
+  """Batch 1, as evaluation runs it (every product one row [1, K]), against `np_rhn`, within a
+  bound derived from float32 arithmetic.
+
+  R is scaled so that every column of |R| sums, times the largest state-mask value m, to 1/3.
+  Then, to first order, a micro-layer does not enlarge an error d in s (max norm): |s|, |h| <= 1,
+  tanh' <= 1 and sigmoid' = t (1 - t), so h t + s (1 - t) moves by at most
+  ((1 - t) + (t + 2 t (1 - t)) / 3) d <= d. After L micro-layers s is therefore off by at most
+  the sum of their own rounding errors: pre by e <= gamma(K + 1) |s m| |R| + gamma(I + 1) |x m| |W|
+  + 3 u (|s m| |R| + |x m| |W| + |b|) (two dots, the mask products, the bias and input sums),
+  h by e + c u, t by e / 4 + c u (XLA's float32 tanh and logistic: c = 8, more than the 4.4 and
+  1.5 units measured over [-12, 12]), h t + s (1 - t) by t (e + c u) + 2 (e / 4 + c u) + 8 u.
+  """
+  hidden, depth, steps, inputs = 96, 3, 5, 7
+  core = models.RHNCore(num_layers=1, hidden_size=hidden, depth=depth, init_scale=0.2,
+                        input_dropout=0.3, state_dropout=0.3, separate_gate_masks=separate)
+  rng = np.random.default_rng(12)
+  x = rng.uniform(-1, 1, (1, steps, inputs)).astype(np.float32)
+  carry = (rng.uniform(-1, 1, (1, hidden)).astype(np.float32),)
+  params = core.init(jax.random.PRNGKey(0), x, carry)['params']
+  masks = core.variational_masks(jax.random.PRNGKey(1), 1, inputs)
+  largest = lambda keys: max(float(np.max(masks[k][0])) for k in keys if k in masks)
+  m_s = largest(['state', 'state_transform'])
+  m_x = largest(['input', 'input_transform'])
+  r = np.asarray(params['recurrent_kernel_0'], np.float64)
+  params['recurrent_kernel_0'] = jnp.asarray(
+      0.99 * r / (3 * m_s * np.abs(r).sum(axis=1).max()), jnp.float32)
+  p = to64(params)
+  dot_s = m_s * np.abs(p['recurrent_kernel_0']).sum(axis=1).max()  # the largest |s m| |R|
+  assert dot_s <= 1 / 3
+  dot_x = (m_x * np.abs(np.float64(x[0])) @ np.abs(p['input_kernel_0'])).max()
+  e = (gamma(hidden + 1) * dot_s + gamma(inputs + 1) * dot_x
+       + 3 * U32 * (dot_s + dot_x + np.abs(p['bias_0']).max()))
+  bound = depth * steps * (1.5 * e + (3 * 8 + 8) * U32)
+  for these_masks in (masks, None):
+    out, (s,) = jax.jit(core.apply)({'params': params}, x, carry, these_masks)
+    expected, (s_expected,) = np_rhn(params, x, carry, these_masks, depth, separate)
+    assert np.abs(np.float64(out) - expected).max() <= bound
+    assert np.abs(np.float64(s) - s_expected).max() <= bound
+    assert np.abs(expected).max() > 0.1  # the outputs are not vanishingly small
+
+
 def test_carry_coupling_uses_the_unmasked_state():
   """s <- h t + s (1 - t) with the carried s itself, even where the state mask drops s."""
   core = rhn_core(depth=1)
