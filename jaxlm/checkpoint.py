@@ -40,6 +40,7 @@ from jaxlm.errors import UserError
 
 VOCAB_FILE = 'vocab.txt'
 CONFIG_FILE = 'config.json'
+CHECKPOINTS = ('best', 'latest')  # the parameters a trained workdir gives (`restore_params`)
 
 # Model keys that change the shapes of the parameters; a checkpoint restores only onto these.
 SHAPE_KEYS = ('core', 'num_layers', 'hidden_size', 'embed_size', 'tied', 'output_bias')
@@ -167,6 +168,53 @@ def _read_config_json(path: str) -> dict[str, Any]:
     raise UserError(f'{path} is not the config a run writes ({why}): restore it (it is the run'
                     "'s config as JSON), or use another --workdir")
   return saved
+
+
+def read_trained(
+    workdir: str, which: str = 'best', config: Optional[ml_collections.ConfigDict] = None
+) -> tuple[ml_collections.ConfigDict, Vocabulary]:
+  """The config (config.json over the schema's defaults, so that keys added since keep
+  theirs; `config` instead when given) and the vocabulary of a trained workdir, before its
+  `which` checkpoint ('best' or 'latest') is restored; a UserError for a workdir that holds no
+  trained model."""
+  if which not in CHECKPOINTS:
+    raise UserError(f'unknown checkpoint {which!r}: use one of {CHECKPOINTS}')
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir} does not exist: check --workdir, or train first with'
+                    ' --mode=train')
+  if not os.listdir(workdir):
+    raise UserError(f'workdir {workdir} is empty: check --workdir, or train first with'
+                    ' --mode=train')
+  if (not os.path.exists(os.path.join(workdir, VOCAB_FILE))
+      and os.path.isdir(os.path.join(workdir, 'checkpoints'))):
+    raise UserError(f'{workdir} has checkpoints but no {VOCAB_FILE}, the vocabulary its model'
+                    ' was trained with: put the file back, or retrain with --mode=train')
+  vocab = load_workdir_vocab(workdir)
+  if config is None:
+    config = config_lib.from_saved(load_workdir_config(workdir).to_dict())
+  return config, vocab
+
+
+def restore_params(workdir: str, which: str, abstract_params: Any,
+                   signature: dict[str, Any]) -> Any:
+  """The parameters of a workdir's best or latest (`which`) readable checkpoint; a UserError
+  when it has none."""
+  workdir = os.path.abspath(workdir)
+  checkpointer = Checkpointer(workdir)
+  try:
+    if which == 'best':
+      restored = checkpointer.restore_best(abstract_params, signature)
+    else:
+      restored = checkpointer.restore_latest_params(abstract_params, signature)
+    has_latest = checkpointer.latest_step() is not None
+  finally:
+    checkpointer.close()
+  if restored is None:
+    hint = ', or use --checkpoint=latest' if which == 'best' and has_latest else ''
+    raise UserError(f'{workdir} has no {which} checkpoint yet: train first'
+                    f' (--mode=train){hint}')
+  return restored[0]
 
 
 def model_signature(model_config: Any, vocab_size: int) -> dict[str, Any]:
