@@ -18,7 +18,6 @@ training stopped after saving its state (one `stopped:` line), the same command 
 
 import contextlib
 import ctypes
-import errno
 import logging as std_logging
 import os
 import re
@@ -262,27 +261,11 @@ def loaded_config() -> Optional[ml_collections.ConfigDict]:
                   ' ml_collections.ConfigDict')
 
 
-# Orbax's lines about what jaxlm handles: a damaged _CHECKPOINT_METADATA (jaxlm warns in its
-# own words), the temporary folder of an interrupted save, which the next save of that step
-# replaces (docs/training.md, "Long runs, preemption and failures").
-_ORBAX_REPORTED = ('Failed to json parse Metadata file',
-                   'Attempted to create temporary directory')
-
-
 def _shown(record: std_logging.LogRecord) -> bool:
-  """Keeps warnings and errors from everywhere, but info lines only from jaxlm and launch.py;
-  and not orbax's reports (with tracebacks) of a save that failed on a full disk (training
-  reports that in one line), nor its lines in _ORBAX_REPORTED."""
-  if record.levelno < std_logging.WARNING:
-    return os.path.abspath(record.pathname).startswith(_OUR_CODE)
-  if f'{os.sep}orbax{os.sep}' in record.pathname:
-    text = record.getMessage()
-    if text.startswith(_ORBAX_REPORTED):
-      return False
-    if record.exc_info and record.exc_info[1] is not None:
-      text += ''.join(traceback.format_exception(record.exc_info[1]))
-    return not any(os.strerror(code) in text for code in (errno.ENOSPC, errno.EDQUOT))
-  return True
+  """Keeps warnings and errors from everywhere, but info lines only from jaxlm and launch.py
+  (orbax's lines of what jaxlm reports itself: `checkpoint.QuietOrbax`)."""
+  return (record.levelno >= std_logging.WARNING
+          or os.path.abspath(record.pathname).startswith(_OUR_CODE))
 
 
 def check_num_tokens(num_tokens: int) -> None:
@@ -435,6 +418,9 @@ def main(argv: list[str]) -> None:
   # On the handler, so that it also sees the records of other loggers (JAX's, at backend
   # start-up) that reach it through the root logger.
   logging.get_absl_handler().addFilter(_shown)
+  # Entered for good: orbax's abandoned reads and writes can still fail while the interpreter
+  # shuts down, after main has returned.
+  checkpoint.QuietOrbax(_WORKDIR.value).__enter__()  # pylint: disable=unnecessary-dunder-call
   if _KEEP_FREED_MEMORY.value and host.runs_on_cpu():  # before JAX's first computation
     host.keep_freed_memory()
   tfds.disable_progress_bar()

@@ -1,4 +1,10 @@
-"""Checkpoints in a workdir: the latest train state (to resume) and the best parameters.
+"""The workdir's one owner: what it reads and writes there, and orbax's quirks behind types.
+
+The files: the config and the vocabulary (`save_config`, `save_or_check_vocab`, and
+`read_trained` for a trained model), the latest train state (to resume) and the best
+parameters (`Checkpointer`, and `restore_params` for a trained model). A write that fails on a
+full disk raises `DiskFull` and leaves what was saved before. `QuietOrbax` keeps orbax's
+reports of what jaxlm reports itself out of a program's output (launch.py enters it).
 
 Layout: `WORKDIR/vocab.txt`, `WORKDIR/config.json`, `WORKDIR/checkpoints/latest/STEP` (train
 state + JSON meta: the model shape and what the state's step does not give, see
@@ -15,6 +21,8 @@ truncated or deleted afterwards) is handled here: a step that cannot be read is 
 one warning and the one before it is used.
 """
 
+import contextlib
+import functools
 import inspect
 import json
 import logging as std_logging
@@ -24,7 +32,7 @@ import sys
 import tempfile
 import threading
 import traceback
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
 from etils import epath
@@ -36,10 +44,11 @@ import orbax.checkpoint as ocp
 
 from jaxlm import config as config_lib
 from jaxlm.data import Vocabulary
-from jaxlm.errors import UserError
+from jaxlm.errors import DiskFull, UserError, full_disk_errno
 
 VOCAB_FILE = 'vocab.txt'
 CONFIG_FILE = 'config.json'
+CHECKPOINTS = ('best', 'latest')  # the parameters a trained workdir gives (`restore_params`)
 
 # Model keys that change the shapes of the parameters; a checkpoint restores only onto these.
 SHAPE_KEYS = ('core', 'num_layers', 'hidden_size', 'embed_size', 'tied', 'output_bias')
@@ -61,7 +70,17 @@ class _Unreadable(Exception):
   """A checkpoint step that cannot be read back; the message says why."""
 
 
-_abandoned_io_ignored = False  # see ignore_abandoned_io
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, without its own preemption checks.
+
+  Training decides when a preemption saves (stop_signals.StopSignals), asking JAX's sync point
+  once a step from the main thread. Orbax's own asks (in its save, and in the thread that
+  finalizes a save, with that save's older step) would report a step JAX's agreement could
+  then settle below, and log it. No CheckpointManagerOptions turns them off (orbax 0.12).
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
 
 
 def check_writable_workdir(workdir: str) -> None:
@@ -98,7 +117,7 @@ def save_or_check_vocab(vocab: Vocabulary, workdir: str) -> None:
           f' ({len(vocab)} words): use another --workdir for another corpus'
       )
   elif jax.process_index() == 0:
-    vocab.save(path)
+    _write_atomically(path, vocab.save)
 
 
 def load_workdir_vocab(workdir: str) -> Vocabulary:
@@ -142,8 +161,26 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str) -> lis
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the run's config as JSON, so that a workdir alone describes its model."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
-      f.write(config.to_json(indent=2, sort_keys=True))
+    def write(path: str) -> None:
+      with open(path, 'w', encoding='utf-8') as f:
+        f.write(config.to_json(indent=2, sort_keys=True))
+    _write_atomically(os.path.join(workdir, CONFIG_FILE), write)
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+  """`write(tmp)` then a rename over `path`: a write that fails (a full disk: DiskFull)
+  leaves the file as it was."""
+  tmp = f'{path}.tmp'
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    full = DiskFull.of(e, os.path.dirname(path))
+    if full is None:
+      raise
+    raise full from e
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -167,6 +204,53 @@ def _read_config_json(path: str) -> dict[str, Any]:
     raise UserError(f'{path} is not the config a run writes ({why}): restore it (it is the run'
                     "'s config as JSON), or use another --workdir")
   return saved
+
+
+def read_trained(
+    workdir: str, which: str = 'best', config: Optional[ml_collections.ConfigDict] = None
+) -> tuple[ml_collections.ConfigDict, Vocabulary]:
+  """The config (config.json over the schema's defaults, so that keys added since keep
+  theirs; `config` instead when given) and the vocabulary of a trained workdir, before its
+  `which` checkpoint ('best' or 'latest') is restored; a UserError for a workdir that holds no
+  trained model."""
+  if which not in CHECKPOINTS:
+    raise UserError(f'unknown checkpoint {which!r}: use one of {CHECKPOINTS}')
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir} does not exist: check --workdir, or train first with'
+                    ' --mode=train')
+  if not os.listdir(workdir):
+    raise UserError(f'workdir {workdir} is empty: check --workdir, or train first with'
+                    ' --mode=train')
+  if (not os.path.exists(os.path.join(workdir, VOCAB_FILE))
+      and os.path.isdir(os.path.join(workdir, 'checkpoints'))):
+    raise UserError(f'{workdir} has checkpoints but no {VOCAB_FILE}, the vocabulary its model'
+                    ' was trained with: put the file back, or retrain with --mode=train')
+  vocab = load_workdir_vocab(workdir)
+  if config is None:
+    config = config_lib.from_saved(load_workdir_config(workdir).to_dict())
+  return config, vocab
+
+
+def restore_params(workdir: str, which: str, abstract_params: Any,
+                   signature: dict[str, Any]) -> Any:
+  """The parameters of a workdir's best or latest (`which`) readable checkpoint; a UserError
+  when it has none."""
+  workdir = os.path.abspath(workdir)
+  checkpointer = Checkpointer(workdir)
+  try:
+    if which == 'best':
+      restored = checkpointer.restore_best(abstract_params, signature)
+    else:
+      restored = checkpointer.restore_latest_params(abstract_params, signature)
+    has_latest = checkpointer.latest_step() is not None
+  finally:
+    checkpointer.close()
+  if restored is None:
+    hint = ', or use --checkpoint=latest' if which == 'best' and has_latest else ''
+    raise UserError(f'{workdir} has no {which} checkpoint yet: train first'
+                    f' (--mode=train){hint}')
+  return restored[0]
 
 
 def model_signature(model_config: Any, vocab_size: int) -> dict[str, Any]:
@@ -193,19 +277,11 @@ class Checkpointer:
           multiprocessing_options=ocp.options.MultiprocessingOptions(
               barrier_sync_key_prefix=name))
 
-    self._latest = ocp.CheckpointManager(
-        os.path.join(root, 'latest'), options=options(keep_latest, 'latest'))
-    self._best = ocp.CheckpointManager(os.path.join(root, 'best'), options=options(1, 'best'))
-    for manager in (self._latest, self._best):
-      # Training decides when a preemption saves (stop_signals.StopSignals), asking JAX's sync point
-      # once a step from the main thread. Orbax's own asks (in its save, and in the thread that
-      # finalizes a save, with that save's older step) would report a step JAX's agreement
-      # could then settle below, and log it.
-      manager.reached_preemption = lambda step: False
+    self._workdir = os.path.abspath(workdir)
+    self._latest = _Manager(os.path.join(root, 'latest'), options=options(keep_latest, 'latest'))
+    self._best = _Manager(os.path.join(root, 'best'), options=options(1, 'best'))
     self._unreadable: dict[str, list[int]] = {}  # manager folder -> steps a restore skipped
-    # Before any read or write: the reads and writes a failure abandons can fail (and print) in
-    # TensorStore's threads before that failure reaches our except clause.
-    ignore_abandoned_io()
+    self._save_bytes = 0  # the size of the arrays of the last save
 
   def latest_step(self) -> Optional[int]:
     """The newest step of the latest train states, leaving out those a restore skipped as
@@ -224,19 +300,39 @@ class Checkpointer:
     return max(steps, default=None)
 
   def check_errors(self) -> None:
-    """Raises the error of an asynchronous save that failed since the last call, if any."""
-    self._latest.check_for_errors()
-    self._best.check_for_errors()
+    """Raises the error of an asynchronous save that failed since the last call, if any
+    (DiskFull for a full disk)."""
+    with self._writing():
+      self._latest.check_for_errors()
+      self._best.check_for_errors()
 
   def save_latest(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    self._drop_unreadable(self._latest)
-    self._latest.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
+    """Starts saving the train state of `step`; DiskFull when the disk is full."""
+    with self._writing(state):
+      self._drop_unreadable(self._latest)
+      self._latest.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
   def save_best(self, step: int, params: Any, meta: dict[str, Any]) -> None:
+    """Starts saving the best parameters, at `step`; DiskFull when the disk is full."""
+    with self._writing(params):
+      self._save_best(step, params, meta)
+
+  @contextlib.contextmanager
+  def _writing(self, tree: Any = None) -> Iterator[None]:
+    """Raises DiskFull in place of an error that a full disk (or quota) caused, for a save of
+    `tree` (None: the last save, still in flight)."""
+    if tree is not None:
+      self._save_bytes = sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(tree))
+    try:
+      yield
+    except Exception as e:  # orbax and TensorStore raise many types
+      full = DiskFull.of(e, self._workdir, self._save_bytes)
+      if full is None:
+        raise
+      raise full from e
+
+  def _save_best(self, step: int, params: Any, meta: dict[str, Any]) -> None:
     self._drop_unreadable(self._best)
     if step in self._best.all_steps():
       # A resumed run re-validating a step it had saved: resuming is exact, so these are the
@@ -352,13 +448,16 @@ class Checkpointer:
         manager.delete(step)
 
   def wait(self) -> None:
-    """Blocks until every asynchronous save has been written."""
-    self._latest.wait_until_finished()
-    self._best.wait_until_finished()
+    """Blocks until every asynchronous save has been written; DiskFull when one failed on a
+    full disk."""
+    with self._writing():
+      self._latest.wait_until_finished()
+      self._best.wait_until_finished()
 
   def close(self) -> None:
-    self._latest.close()
-    self._best.close()
+    with self._writing():
+      self._latest.close()
+      self._best.close()
 
   @staticmethod
   def _check_signature(meta: dict[str, Any], signature: dict[str, Any], where: str) -> None:
@@ -443,42 +542,65 @@ def _check_layout(manager: ocp.CheckpointManager, step: int, name: str, target: 
         f' {"; ".join(wrong[:5])}{" ..." if len(wrong) > 5 else ""}')
 
 
-def ignore_abandoned_io() -> None:
-  """Keeps the reads and writes a failed restore or save abandoned from printing tracebacks.
+# Orbax's lines about what jaxlm handles: a damaged _CHECKPOINT_METADATA (jaxlm warns in its
+# own words), the temporary folder of an interrupted save, which the next save of that step
+# replaces (docs/training.md, "Long runs, preemption and failures").
+_ORBAX_REPORTED = ('Failed to json parse Metadata file',
+                   'Attempted to create temporary directory')
 
-  Orbax stops at the first array that fails and closes its event loop; the other reads and
-  writes then fail too, at any later time: as 'unraisable' exceptions (orbax's coroutines),
-  through sys.excepthook when TensorStore calls back into the closed loop (from its threads,
-  or from the main thread while it finalizes), or as asyncio's "Task exception was never
-  retrieved" log line when an abandoned orbax task is collected. The failure is reported
-  already: drop those. Every Checkpointer installs this, before its first read or write.
+
+class QuietOrbax:
+  """While entered, keeps what jaxlm reports itself out of the process's output; on exit, puts
+  back the hooks and filters it replaced. For a program (launch.py enters it for the whole
+  process): the library alone changes nothing process-wide.
+
+  It drops the tracebacks of the reads and writes a failed restore or save abandoned: orbax
+  stops at the first array that fails and closes its event loop; the other reads and writes
+  then fail too, at any later time: as 'unraisable' exceptions (orbax's coroutines), through
+  sys.excepthook when TensorStore calls back into the closed loop (from its threads, or from
+  the main thread while it finalizes), or as asyncio's "Task exception was never retrieved"
+  log line when an abandoned orbax task is collected. And it drops orbax's log lines of
+  _ORBAX_REPORTED and its reports (with tracebacks) of a save that failed on a full disk, in
+  `workdir` (DiskFull, which training reports in one line), from absl's handler.
   """
-  global _abandoned_io_ignored
-  if _abandoned_io_ignored:
-    return
-  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
-  def closed_loop(error: BaseException) -> bool:
-    return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+  def __init__(self, workdir: Optional[str] = None):
+    self._orbax_lines = _OrbaxLines(workdir)
+    self._previous: Optional[tuple[Callable[..., None], Callable[..., None]]] = None
 
-  def unraisable_hook(unraisable: Any) -> None:
-    error, where = unraisable.exc_value, unraisable.object
-    if not (closed_loop(error) or (
-        inspect.iscoroutine(where) and '/orbax/' in where.cr_code.co_filename)):
-      previous_unraisable(unraisable)
+  def __enter__(self) -> 'QuietOrbax':
+    self._previous = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook = functools.partial(_unraisable_hook, self._previous[0])
+    sys.excepthook = functools.partial(_except_hook, self._previous[1])
+    std_logging.getLogger('asyncio').addFilter(_not_an_abandoned_orbax_task)
+    logging.get_absl_handler().addFilter(self._orbax_lines)
+    return self
 
-  def except_hook(kind: type, error: BaseException, tb: Any) -> None:
-    # A callback from C starts its traceback inside asyncio; an error of the main thread's own
-    # code starts at its first frame (launch.py, a test) and keeps its traceback.
-    from_c = (tb is not None and
-              f'{os.sep}asyncio{os.sep}' in tb.tb_frame.f_code.co_filename)
-    if not (closed_loop(error) and
-            (from_c or threading.current_thread() is not threading.main_thread())):
-      previous_except(kind, error, tb)
+  def __exit__(self, *exc_info: Any) -> None:
+    logging.get_absl_handler().removeFilter(self._orbax_lines)
+    std_logging.getLogger('asyncio').removeFilter(_not_an_abandoned_orbax_task)
+    sys.unraisablehook, sys.excepthook = self._previous
 
-  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
-  std_logging.getLogger('asyncio').addFilter(_not_an_abandoned_orbax_task)
-  _abandoned_io_ignored = True
+
+def _closed_loop(error: BaseException) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
+def _unraisable_hook(previous: Callable[[Any], None], unraisable: Any) -> None:
+  error, where = unraisable.exc_value, unraisable.object
+  if not (_closed_loop(error) or (
+      inspect.iscoroutine(where) and '/orbax/' in where.cr_code.co_filename)):
+    previous(unraisable)
+
+
+def _except_hook(previous: Callable[..., None], kind: type, error: BaseException,
+                 tb: Any) -> None:
+  # A callback from C starts its traceback inside asyncio; an error of the main thread's own
+  # code starts at its first frame (launch.py, a test) and keeps its traceback.
+  from_c = tb is not None and f'{os.sep}asyncio{os.sep}' in tb.tb_frame.f_code.co_filename
+  if not (_closed_loop(error) and
+          (from_c or threading.current_thread() is not threading.main_thread())):
+    previous(kind, error, tb)
 
 
 def _not_an_abandoned_orbax_task(record: std_logging.LogRecord) -> bool:
@@ -488,6 +610,26 @@ def _not_an_abandoned_orbax_task(record: std_logging.LogRecord) -> bool:
     return True
   return not any(f'{os.sep}orbax{os.sep}' in frame.filename
                  for frame in traceback.extract_tb(error.__traceback__))
+
+
+class _OrbaxLines(std_logging.Filter):
+  """Drops orbax's lines of _ORBAX_REPORTED, and those of an error that a full disk caused."""
+
+  def __init__(self, workdir: Optional[str]):
+    super().__init__()
+    self._workdir = workdir
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if f'{os.sep}orbax{os.sep}' not in record.pathname or record.levelno < std_logging.WARNING:
+      return True
+    if record.getMessage().startswith(_ORBAX_REPORTED):
+      return False
+    error = record.exc_info[1] if record.exc_info else None
+    if error is None:
+      return True
+    if self._workdir is None:
+      return full_disk_errno(error) is None
+    return DiskFull.of(error, self._workdir) is None
 
 
 def _on_every_process(ok: bool) -> bool:

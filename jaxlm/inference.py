@@ -15,7 +15,6 @@ uses the deterministic model (no dropout).
 
 import functools
 import math
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, Optional
 
@@ -24,15 +23,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluation
 from jaxlm import models
-from jaxlm.checkpoint import VOCAB_FILE, Checkpointer, load_workdir_config
-from jaxlm.checkpoint import load_workdir_vocab, model_signature
+from jaxlm.checkpoint import CHECKPOINTS  # pylint: disable=unused-import (launch.py's flag)
 from jaxlm.errors import UserError
-
-CHECKPOINTS = ('best', 'latest')
 
 
 class Trained(NamedTuple):
@@ -44,48 +41,18 @@ class Trained(NamedTuple):
   vocab: data_lib.Vocabulary
 
 
-def _config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
-  """The workdir's config.json over the schema's defaults (so keys added since keep theirs)."""
-  return config_lib.from_saved(load_workdir_config(workdir).to_dict())
-
-
 def load_trained(
     workdir: str, checkpoint: str = 'best', config: Optional[ml_collections.ConfigDict] = None
 ) -> Trained:
   """Loads a workdir's vocabulary, config (its config.json unless `config` is given), model
-  and the parameters of its best or latest checkpoint."""
-  if checkpoint not in CHECKPOINTS:
-    raise UserError(f'unknown checkpoint {checkpoint!r}: use one of {CHECKPOINTS}')
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(workdir):
-    raise UserError(f'workdir {workdir} does not exist: check --workdir, or train first with'
-                    ' --mode=train')
-  if not os.listdir(workdir):
-    raise UserError(f'workdir {workdir} is empty: check --workdir, or train first with'
-                    ' --mode=train')
-  if (not os.path.exists(os.path.join(workdir, VOCAB_FILE))
-      and os.path.isdir(os.path.join(workdir, 'checkpoints'))):
-    raise UserError(f'{workdir} has checkpoints but no {VOCAB_FILE}, the vocabulary its model'
-                    ' was trained with: put the file back, or retrain with --mode=train')
-  vocab = load_workdir_vocab(workdir)
-  config = _config_from_workdir(workdir) if config is None else config
+  and the parameters of its best or latest checkpoint. The files are read by
+  `checkpoint.read_trained` and `checkpoint.restore_params`."""
+  config, vocab = checkpoint_lib.read_trained(workdir, checkpoint, config)
   config_lib.validate(config)
   model = models.build_model(config, len(vocab))
-  signature = model_signature(config.model, len(vocab))
-  checkpointer = Checkpointer(workdir)
-  try:
-    if checkpoint == 'best':
-      restored = checkpointer.restore_best(models.param_shapes(model), signature)
-    else:
-      restored = checkpointer.restore_latest_params(models.param_shapes(model), signature)
-    has_latest = checkpointer.latest_step() is not None
-  finally:
-    checkpointer.close()
-  if restored is None:
-    hint = ', or use --checkpoint=latest' if checkpoint == 'best' and has_latest else ''
-    raise UserError(f'{workdir} has no {checkpoint} checkpoint yet: train first'
-                    f' (--mode=train){hint}')
-  return Trained(config, model, restored[0], vocab)
+  params = checkpoint_lib.restore_params(workdir, checkpoint, models.param_shapes(model),
+                                         checkpoint_lib.model_signature(config.model, len(vocab)))
+  return Trained(config, model, params, vocab)
 
 
 # ---------------------------------------------------------------------------------------------

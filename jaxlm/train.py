@@ -7,7 +7,6 @@ shardings (nothing per-device happens in Python).
 """
 
 import dataclasses
-import errno
 import functools
 import os
 import time
@@ -33,7 +32,7 @@ from jaxlm import subspace
 from jaxlm.checkpoint import Checkpointer, abstract, check_resumed_config, check_writable_workdir
 from jaxlm.checkpoint import model_signature, save_config
 from jaxlm.checkpoint import save_or_check_vocab
-from jaxlm.errors import Stopped, UserError
+from jaxlm.errors import DiskFull, Stopped, UserError
 from jaxlm.metrics import MetricsWriter
 from jaxlm.stop_signals import StopSignals
 from jaxlm.train_log import Progress, TrainLog
@@ -346,8 +345,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
           f' {run.checkpointer.latest_dir(step)}: run the same command to evaluate'):
         result = _final_evaluation(run, state, step, log.writer)
     except BaseException as e:
-      if isinstance(e, Exception):
-        _raise_if_disk_full(run, e)
+      if isinstance(e, DiskFull):  # closing would write again, and fail again at exit
+        raise _resumable(run, e) from None
       _close(run, log, quietly=True)
       raise
     _close(run, log)
@@ -542,21 +541,11 @@ def _final_evaluation(run: _Run, state: TrainState, step: int,
   return {**final, 'step': step}
 
 
-def _raise_if_disk_full(run: _Run, error: Exception) -> None:
-  """A UserError in place of `error` when it (or its cause) is a full disk or quota: orbax
-  and TensorStore raise their own types, with the OS's message inside."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    text = f'{error} {getattr(error, "strerror", "")}'
-    why = next((os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT)
-                if getattr(error, 'errno', None) == code or os.strerror(code) in text), None)
-    if why is not None:
-      last = run.checkpointer.saved_latest_step()
-      resume = 'from step 0' if last is None else f'from step {last}, its last complete save'
-      raise UserError(f'writing in {run.workdir} failed: {why}: free space on that disk, then'
-                      f' run the same command; it resumes {resume}') from None
-    error = error.__cause__ or error.__context__
+def _resumable(run: _Run, error: DiskFull) -> DiskFull:
+  """A full disk, with how to go on: the step the same command resumes from."""
+  last = run.checkpointer.saved_latest_step()
+  resume = 'from step 0' if last is None else f'from step {last}, its last complete save'
+  return DiskFull(run.workdir, error.reason, f'then run the same command; it resumes {resume}')
 
 
 def _close(run: _Run, log: Optional[TrainLog], quietly: bool = False) -> None:
