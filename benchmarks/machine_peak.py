@@ -364,6 +364,35 @@ def markdown(peak: Peak, dtypes: Iterable[str] = DTYPES) -> str:
   return '\n'.join(lines)
 
 
+def rates_line(peak: Peak) -> str:
+  """One line of every measured rate and the float32 peak, for under a machine line."""
+  parts = []
+  for dtype in DTYPES:
+    found = [f'{LIBRARY_NAMES[lib]} {peak.rates[lib][dtype]:,.0f}' for lib in LIBRARIES
+             if peak.rates[lib][dtype] is not None]
+    if found:
+      parts.append(f'{dtype} ' + ', '.join(found))
+  lib, rate = peak.best('float32')
+  line = (f'Matmul {peak.size}x{peak.size}x{peak.size} GFLOP/s (best of {peak.repeats}): '
+          + '; '.join(parts))
+  if 'torch' in peak.versions:
+    line += f' ({peak.versions["torch"]})'
+  if rate is not None:
+    line += f'. Peak float32: {rate:,.0f} by {LIBRARY_NAMES[lib]}'
+  return line
+
+
+def end_line(peak: Peak) -> str:
+  """XLA's float32 rate at the start and the end, and the end's idle check."""
+  line = (f'XLA float32 matmul: {fmt_rate(peak.xla_float32_start)} GFLOP/s at the start,'
+          f' {fmt_rate(peak.xla_float32_end)} at the end')
+  if peak.drift() is not None:
+    line += f' ({peak.drift():+.0%})'
+  if peak.idle_end is not None:
+    line += f'; idle check at the end: {peak.idle_end.line()}'
+  return line
+
+
 def summary(peak: Peak) -> str:
   """Lines for under a benchmark's machine line: peak, XLA at start and end, idle checks."""
   lib, rate = peak.best('float32')

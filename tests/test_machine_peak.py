@@ -215,3 +215,14 @@ def test_cli_error_exit(tmp_path, capsys):
                   f'--peer_python={python}']) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('error: torch peer failed: ') and err.endswith('exited with 1: no torch')
+
+
+def test_rates_and_end_lines():
+  peak = make_peak(100.0, 80.0)
+  peak.idle_end = mp.IdleCheck(load1=None, cpus=2, busy=0.5, sample_seconds=0.5, idle=False,
+                               reason='50% busy')
+  line = mp.rates_line(peak)
+  assert line == ('Matmul 64x64x64 GFLOP/s (best of 1): float32 XLA 100, NumPy 120.'
+                  ' Peak float32: 120 by NumPy')
+  end = mp.end_line(peak)
+  assert '100 GFLOP/s at the start, 80 at the end (-20%)' in end and 'NOT IDLE (50% busy)' in end
