@@ -11,8 +11,10 @@
 Without `--config`, each selected config is compiled, warmed up and timed in `--repeats` rounds of
 `--steps` steps (default: as many as fill `--round_seconds`), and a Markdown table is printed:
 tokens/s and ms/step (medians over the rounds), compile seconds, GFLOP per step, the fraction of
-this machine's float32 matmul rate that the step reaches, and the compiled step's memory. With
-`--config` (and any `--config.KEY=VALUE`), one line for that config. See benchmarks/README.md.
+XLA's float32 matmul rate and of the machine's float32 peak (the best of XLA, NumPy's BLAS and,
+with a peer Python, torch: `machine_peak.py`, measured at the start and again at the end, with an
+idle check) that the step reaches, and the compiled step's memory. With `--config` (and any
+`--config.KEY=VALUE`), one line for that config. See benchmarks/README.md.
 """
 
 import dataclasses
@@ -31,7 +33,6 @@ from typing import Any, Callable, Optional
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -44,6 +45,8 @@ from jaxlm import models
 from jaxlm import sharding
 from jaxlm import train
 from jaxlm.errors import UserError
+
+import machine_peak  # benchmarks/machine_peak.py: this script's folder is first on sys.path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +79,11 @@ _EVAL = flags.DEFINE_bool(
     'eval', None, 'Also time batch-1 evaluation per model (default: on for the table, off for'
     ' --config).')
 _MATMUL_SIZE = flags.DEFINE_integer(
-    'matmul_size', 2048, 'n of the n x n float32 matmul that measures the machine; 0: skip.')
+    'matmul_size', 2048, 'n of the n x n matmuls of machine_peak.py that measure the machine'
+    ' (float32 and bfloat16; with --config float32 only); 0: skip.')
+_PEAK_TORCH = flags.DEFINE_bool(
+    'peak_torch', None, 'Also measure torch\'s matmuls with --peer_python for the peak (default:'
+    ' on with --peer, or when --peer_python or $JAXLM_PEER_PYTHON is given).')
 _PEER = flags.DEFINE_bool(
     'peer', False, 'Interleave the PyTorch peer (2-layer tied LSTM) with each LSTM config.')
 _PEER_PYTHON = flags.DEFINE_string(
@@ -133,19 +140,6 @@ def machine_line() -> str:
   device = jax.devices()[0]
   return (f'{cpu}, {usable} of {os.cpu_count()} cores usable; jax {jax.__version__}, backend'
           f' {jax.default_backend()} ({device.device_kind}), {jax.device_count()} device(s)')
-
-
-def matmul_rate(n: int, repeats: int = 7) -> float:
-  """Median GFLOP/s of a float32 n x n x n matmul on the default device."""
-  a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
-  matmul(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def matmul_flops(jaxpr: Any) -> float:
@@ -370,14 +364,27 @@ def percent(result: Result, rate: Optional[float]) -> Optional[float]:
   return 100 * result.matmul_gflop / (result.ms_per_step / 1e3) / rate
 
 
-def print_line(result: Result, rate: Optional[float]) -> None:
-  """The one-line form of --config (README.md and scripts grep 'N tokens/s')."""
+def peak_rate(peak: Optional[machine_peak.Peak]) -> tuple[Optional[str], Optional[float]]:
+  """(library name, GFLOP/s) of the best float32 matmul at the start; (None, None) without."""
+  if peak is None:
+    return None, None
+  lib, rate = peak.best('float32')
+  return (machine_peak.LIBRARY_NAMES[lib] if lib else None), rate
+
+
+def xla_rate(peak: Optional[machine_peak.Peak]) -> Optional[float]:
+  return None if peak is None else peak.xla_float32_start
+
+
+def print_line(result: Result, peak: Optional[machine_peak.Peak]) -> None:
+  """The one-line form of --config (scripts grep 'N tokens/s')."""
+  lib, rate = peak_rate(peak)
   pct = percent(result, rate)
   line = (f'{describe(result.config, result.devices)}: {result.tokens_per_s:.0f} tokens/s,'
           f' {result.ms_per_step:.1f} ms/step, compile {result.compile_s:.1f} s,'
           f' {result.matmul_gflop:.1f} GFLOP/step')
   if pct is not None:
-    line += f' ({pct:.0f}% of {rate:.0f} GFLOP/s matmul)'
+    line += f' ({pct:.0f}% of peak {rate:.0f} GFLOP/s, {lib} float32 matmul)'
   if result.memory_mib is not None:
     line += f', XLA memory {result.memory_mib:.0f} MiB'
   print(line + f' (median of {_REPEATS.value} x {result.steps} steps)')
@@ -388,10 +395,13 @@ def print_line(result: Result, rate: Optional[float]) -> None:
           f' {result.tokens_per_s / result.peer_tokens_per_s:.2f}')
 
 
-def print_table(results: list[Result], evals: list[EvalResult], rate: Optional[float],
-                peer: bool) -> None:
+def print_table(results: list[Result], evals: list[EvalResult],
+                peak: Optional[machine_peak.Peak], peer: bool) -> None:
+  lib, rate = peak_rate(peak)
+  xla = xla_rate(peak)
   header = ['config', 'tokens/s', 'ms/step', 'steps x rounds', 'compile s', 'GFLOP/step (XLA)',
-            'matmul GFLOP/step', '% of matmul rate', 'XLA memory MiB']
+            'matmul GFLOP/step', '% of XLA matmul', f'% of peak ({lib or "—"})',
+            'XLA memory MiB']
   if peer:
     header += ['peer tokens/s', 'jaxlm/peer']
   print('| ' + ' | '.join(header) + ' |')
@@ -399,7 +409,8 @@ def print_table(results: list[Result], evals: list[EvalResult], rate: Optional[f
   for r in results:
     row = [r.label, fmt(r.tokens_per_s), fmt(r.ms_per_step, ',.1f'),
            f'{r.steps} x {_REPEATS.value}', fmt(r.compile_s, '.1f'), fmt(r.xla_gflop, '.1f'),
-           fmt(r.matmul_gflop, '.1f'), fmt(percent(r, rate), '.0f'), fmt(r.memory_mib)]
+           fmt(r.matmul_gflop, '.1f'), fmt(percent(r, xla), '.0f'), fmt(percent(r, rate), '.0f'),
+           fmt(r.memory_mib)]
     if peer:
       ratio = None if r.peer_tokens_per_s is None else r.tokens_per_s / r.peer_tokens_per_s
       row += [fmt(r.peer_tokens_per_s), fmt(ratio, '.2f')]
@@ -413,7 +424,8 @@ def print_table(results: list[Result], evals: list[EvalResult], rate: Optional[f
   print(f'\nProcess max RSS {rss:,.0f} MiB (all configs, compilation included). tokens/s and'
         ' ms/step: median over the rounds, after the compile and the warm-up. GFLOP/step (XLA):'
         ' compiled.cost_analysis() (per device; a scan body counted once). matmul GFLOP/step: the'
-        ' jaxpr\'s matmuls, every time step counted; its % is of the matmul rate above.'
+        ' jaxpr\'s matmuls, every time step counted; its % is of XLA\'s float32 matmul rate and of'
+        ' the float32 peak (the best library\'s rate), both as measured at the start.'
         ' XLA memory: compiled.memory_analysis(), arguments + outputs - donated + temporaries'
         ' (per device).'
         + (' The peer has no augmented loss: REAL rows do more work than it.' if peer else ''))
@@ -453,11 +465,14 @@ def _main():
 
   if not single:
     print(f'Machine: {machine_line()}')
-    load = ', '.join(f'{x:.2f}' for x in os.getloadavg())
-    print(f'Load average at start: {load} (other jobs make every number noisier)')
-  rate = matmul_rate(_MATMUL_SIZE.value) if _MATMUL_SIZE.value else None
-  if rate and not single:
-    print(f'float32 matmul {_MATMUL_SIZE.value}^3: {rate:.0f} GFLOP/s (median of 7)\n')
+  peak = measure_peak(single, peer)
+  if not single:
+    if peak is not None:
+      print(machine_peak.rates_line(peak))
+      print(f'Idle check at the start: {peak.idle.line()}')
+    else:
+      print(f'Idle check at the start: {machine_peak.idle_check().line()}')
+    print(flush=True)
 
   results, evals, evaluated = [], [], {}
   for label, config in configs:
@@ -468,7 +483,7 @@ def _main():
       result, time_eval = measure(label, config, peer and has_peer(config), profile_dir)
       results.append(result)
       if single:
-        print_line(result, rate)
+        print_line(result, peak)
       # RE and REAL differ only in the loss: evaluate each model once.
       key = f'{config.model} bptt={config.bptt}'
       if run_eval and key not in evaluated:
@@ -479,8 +494,36 @@ def _main():
                 f' ({evals[-1].tokens} tokens per round)')
     if not single:
       print(f'  {label}: {result.tokens_per_s:,.0f} tokens/s', file=sys.stderr, flush=True)
-  if not single:
-    print_table(results, evals, rate, peer)
+  if peak is not None:
+    machine_peak.remeasure(peak)
+  warnings = peak.warnings() if peak is not None else []
+  if single:
+    for warning in warnings:
+      print(f'warning: {warning}', file=sys.stderr)
+    return
+  if peak is not None:
+    print(machine_peak.end_line(peak))
+  for warning in warnings:
+    print(f'Warning: {warning}')
+  if peak is not None or warnings:
+    print()
+  print_table(results, evals, peak, peer)
+
+
+def measure_peak(single: bool, peer: bool) -> Optional[machine_peak.Peak]:
+  """machine_peak.measure at --matmul_size (float32 only for --config), torch as --peak_torch.
+
+  A torch that fails here only leaves torch out of the peak (with a warning).
+  """
+  if not _MATMUL_SIZE.value:
+    return None
+  use_torch = _PEAK_TORCH.value
+  if use_torch is None:
+    use_torch = (peer or flags.FLAGS['peer_python'].present
+                 or bool(os.environ.get('JAXLM_PEER_PYTHON')))
+  return machine_peak.measure(
+      _MATMUL_SIZE.value, peer_python=_PEER_PYTHON.value if use_torch else None,
+      dtypes=('float32',) if single else machine_peak.DTYPES, peer_errors='record')
 
 
 if __name__ == '__main__':
