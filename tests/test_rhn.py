@@ -262,9 +262,9 @@ def test_tiny_rhn_trains_and_lowers_perplexity(tfds_dir, tmp_path):
     assert value == pytest.approx(result[key], rel=1e-6)
 
 
-def test_ptb_rhn_launch_end_to_end(tmp_path, shared_data, tfds_dir):
+def test_ptb_rhn_launch_end_to_end(tmp_path, real_data, tfds_dir):
   proc = launch('--config', str(REPO / 'configs' / 'ptb_rhn.py'),
-                '--workdir', str(tmp_path / 'rhn'), f'--config.data.dir={shared_data}',
+                '--workdir', str(tmp_path / 'rhn'), f'--config.data.dir={real_data}',
                 f'--config.data.tfds_dir={tfds_dir}', '--config.max_steps=2',
                 '--config.num_epochs=1', '--config.eval_max_tokens=300',
                 '--config.eval_batch_size=1', '--config.log_every=1')
