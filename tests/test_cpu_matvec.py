@@ -133,6 +133,7 @@ def run_products(tmp_path, name, **env):
         result.stderr
 
 
+@pytest.mark.slow
 def test_result_does_not_depend_on_the_thread_count(tmp_path):
   built, differing, threaded, _ = run_products(tmp_path, 'threaded', JAXLM_CPU_MATVEC_THREADS='3')
   built_one, differing_one, single, _ = run_products(tmp_path, 'single',
@@ -143,6 +144,7 @@ def test_result_does_not_depend_on_the_thread_count(tmp_path):
     assert_product_close(a, x, w)
 
 
+@pytest.mark.slow
 def test_without_a_compiler_it_warns_and_uses_xla(tmp_path):
   built, differing, products, stderr = run_products(
       tmp_path, 'fallback', CXX=str(tmp_path / 'no-such-c++'),
@@ -153,6 +155,7 @@ def test_without_a_compiler_it_warns_and_uses_xla(tmp_path):
     assert_product_close(got, x, w)
 
 
+@pytest.mark.slow
 def test_build_is_cached_and_reports_compiler_errors(tmp_path):
   compiler = os.environ.get('CXX', 'c++')
   path = cpu_matvec.build(compiler, str(tmp_path))
@@ -170,6 +173,7 @@ def test_build_is_cached_and_reports_compiler_errors(tmp_path):
   assert os.listdir(tmp_path / 'other') == []
 
 
+@pytest.mark.slow
 @on_cpu
 @pytest.mark.parametrize('separate', [False, True])
 def test_rhn_at_batch_one_matches_numpy(separate):

@@ -201,6 +201,7 @@ def wikitext2(real_data, tfds_dir):
   return data.load_corpus('wikitext2', data_dir=real_data, tfds_dir=tfds_dir)
 
 
+@pytest.mark.slow
 def test_ptb(ptb, real_data, tfds_dir):
   assert isinstance(ptb, data.Corpus)
   assert len(ptb.vocab) == 10_000
@@ -220,6 +221,7 @@ def test_ptb(ptb, real_data, tfds_dir):
   assert (tfds_dir / 'penn_treebank' / '1.0.0' / 'dataset_info.json').is_file()
 
 
+@pytest.mark.slow
 def test_ptb_vocabulary_order(ptb, real_data):
   tokens = reference_tokens(real_data / 'ptb' / 'ptb.train.txt.gz')
   counts = collections.Counter(tokens)
@@ -231,6 +233,7 @@ def test_ptb_vocabulary_order(ptb, real_data):
   assert ptb.vocab.words[:3] == ('the', '<unk>', '<eos>')
 
 
+@pytest.mark.slow
 def test_ptb_second_load_reuses_tfds_data(ptb, tfds_dir, tmp_path, monkeypatch):
   # The source files are not needed once the TFDS dataset exists...
   monkeypatch.delenv('JAXLM_DATA_DIR', raising=False)
@@ -246,6 +249,7 @@ def test_ptb_second_load_reuses_tfds_data(ptb, tfds_dir, tmp_path, monkeypatch):
     data.load_corpus('ptb', data_dir=tmp_path / 'nothing', tfds_dir=tfds_dir)
 
 
+@pytest.mark.slow
 def test_wikitext2(wikitext2, real_data):
   assert len(wikitext2.vocab) == 33_278
   eos = wikitext2.vocab.id('<eos>')
@@ -260,6 +264,7 @@ def test_wikitext2(wikitext2, real_data):
   assert '戦場のヴァルキュリア3' in train  # UTF-8 decoded.
 
 
+@pytest.mark.slow
 def test_data_dir_from_environment(ptb, real_data, tmp_path, monkeypatch):
   monkeypatch.setenv('JAXLM_DATA_DIR', str(real_data))  # The parent of ptb/.
   corpus = data.load_corpus('ptb', tfds_dir=tmp_path)
@@ -267,6 +272,7 @@ def test_data_dir_from_environment(ptb, real_data, tmp_path, monkeypatch):
   np.testing.assert_array_equal(corpus.splits['test'], ptb.splits['test'])
 
 
+@pytest.mark.slow
 def test_plain_files_with_short_names(ptb, real_data, tmp_path, monkeypatch):
   monkeypatch.setenv('JAXLM_DATA_DIR', str(tmp_path / 'ignored'))  # data_dir wins.
   folder = tmp_path / 'src'

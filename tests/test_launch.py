@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # launch.py in subprocesses: seconds to a minute each
+
 
 def launch(*args, cwd=REPO, env_extra=None, python_args=None):
   """launch.py ARGS in a subprocess on the CPU; `python_args` replaces `launch.py` (e.g. with

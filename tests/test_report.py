@@ -64,6 +64,7 @@ def cells(report_text, name):
   return dict(zip(report.HEADER, [c.strip() for c in line.strip('|').split('|')]))
 
 
+@pytest.mark.slow
 def test_report_table_compares_each_run_with_its_paper_row(runs, tmp_path):
   path = report.write_report(str(runs), str(tmp_path))
   text = open(path, encoding='utf-8').read()
@@ -96,6 +97,7 @@ def recipe_cells(report_text, recipe):
   return dict(zip(report.RECIPE_HEADER, [c.strip() for c in line.strip('|').split('|')]))
 
 
+@pytest.mark.slow
 def test_runs_that_differ_only_in_seed_are_one_recipe_row(runs, tmp_path):
   # Two more seeds of PTB small RE: one finished, one trained but not evaluated at the end.
   saved = json.loads((runs / 'ptb_small_re' / 'config.json').read_text())
@@ -129,6 +131,7 @@ def test_runs_that_differ_only_in_seed_are_one_recipe_row(runs, tmp_path):
   assert recipe_cells(text, 'small,re')['runs'] == '`re_s0`, `re_s1`, `re_s2`'
 
 
+@pytest.mark.slow
 def test_report_plots_each_size_with_the_papers_numbers(runs, tmp_path):
   report.write_report(str(runs), str(tmp_path))
   text = (tmp_path / report.REPORT_FILE).read_text()
@@ -137,6 +140,7 @@ def test_report_plots_each_size_with_the_papers_numbers(runs, tmp_path):
     assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_report_command_and_its_errors(runs, tmp_path):
   done = subprocess.run([sys.executable, '-m', 'jaxlm.report', f'--runs={runs}',
                          f'--out={tmp_path}'], cwd=REPO, capture_output=True, text=True)
