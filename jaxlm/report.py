@@ -286,71 +286,88 @@ def recipe_table(runs: list[Run]) -> str:
   return '\n'.join(lines)
 
 
-def plot_groups(runs: list[Run], out_dir: str) -> list[str]:
-  """One PNG per group of runs (`Run.group`): validation perplexity per epoch, one curve per
-  recipe (the mean over its runs, their range shaded); returns the files' names."""
+def _pyplot():
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use('Agg')
-    import matplotlib.ticker  # pylint: disable=g-import-not-at-top
     from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise UserError("the report's plots need matplotlib: pip install -e '.[report]'") from None
+  return plt
+
+
+def group_figure(group: str, members: list[Run]):
+  """The figure of one group of runs: validation perplexity per epoch, one curve per recipe
+  (the mean over its runs, their range shaded), the paper's final validation perplexity of each
+  matched row dashed in the colour of its recipe; the legend, which names the paper's lines
+  too, below both panels (`outside`, laid out by matplotlib so that it covers no curve)."""
+  plt = _pyplot()
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
+  recipes = by_recipe(members)
+  paper_lines = {}  # the paper's valid ppl -> (its rows, the colour of the first recipe on it)
+  for i, recipe in enumerate(recipes):
+    row = recipe[0].row
+    if row:
+      args, _ = paper_lines.setdefault(row.valid_ppl, ([], f'C{i % 10}'))
+      if row.arg not in args:
+        args.append(row.arg)
+  entries = len(recipes) + len(paper_lines)
+  fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11.0, 4.6 + 0.15 * entries),
+                                 layout='constrained')
+  for i, recipe in enumerate(recipes):
+    color = f'C{i % 10}'
+    linestyle = '-' if i < 10 else ':'
+    per_epoch = collections.defaultdict(list)
+    for run in recipe:
+      for line in run.epochs:
+        per_epoch[line['epoch']].append(line['valid_ppl'])
+    epochs = sorted(per_epoch)
+    mean = [sum(per_epoch[e]) / len(per_epoch[e]) for e in epochs]
+    seeds = ', '.join(str(run.config.seed) for run in recipe)
+    for axis in (ax, zoom):
+      axis.plot(epochs, mean, color=color, linestyle=linestyle, marker='.', markersize=3,
+                label=f'{recipe[0].recipe_label} (seed {seeds})' if axis is ax else None)
+      if len(recipe) > 1:
+        axis.fill_between(epochs, [min(per_epoch[e]) for e in epochs],
+                          [max(per_epoch[e]) for e in epochs], color=color, alpha=0.15)
+  for value, (args, color) in sorted(paper_lines.items()):
+    for axis in (ax, zoom):
+      axis.axhline(value, color=color, linestyle='--', linewidth=1.0, alpha=0.8,
+                   label=f'paper {" = ".join(args)} valid {value:g}' if axis is ax else None)
+  ppls = [l['valid_ppl'] for run in members for l in run.epochs if math.isfinite(l['valid_ppl'])]
+  rows = list(paper_lines)
+  ax.set_yscale('log')
+  ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+  if ppls:
+    ax.set_ylim(0.95 * min(ppls + rows), min(max(ppls), 4 * max(rows or ppls)) * 1.05)
+  last_epoch = max(l['epoch'] for run in members for l in run.epochs)
+  late = [l['valid_ppl'] for run in members for l in run.epochs
+          if l['epoch'] > last_epoch / 2 and math.isfinite(l['valid_ppl'])]
+  zoom.set_xlim(last_epoch / 2, last_epoch + 0.5)
+  if late:
+    zoom.set_ylim(0.98 * min(late + rows), 1.02 * min(max(late), 1.15 * min(late + rows)))
+  for axis in (ax, zoom):
+    axis.set_xlabel('epoch')
+    axis.grid(True, which='both', alpha=0.3)
+  ax.set_ylabel('validation perplexity')
+  zoom.set_title('the second half, closer', fontsize=9)
+  ax.set_title(f'{group}: ours (solid: mean over seeds, shaded: their range);'
+               ' the paper\'s final (dashed)', fontsize=9)
+  fig.legend(loc='outside lower center', fontsize=7, ncol=2)
+  return fig
+
+
+def plot_groups(runs: list[Run], out_dir: str) -> list[str]:
+  """One PNG per group of runs (`Run.group`, see `group_figure`); returns the files' names."""
+  plt = _pyplot()
   groups = collections.defaultdict(list)
   for run in runs:
     if run.epochs:
       groups[run.group].append(run)
   names = []
   for group, members in sorted(groups.items()):
-    recipes = by_recipe(members)
-    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11.0, 4.6 + 0.15 * len(recipes)))
-    paper_lines = collections.defaultdict(list)  # the paper's valid ppl -> its rows
-    for i, recipe in enumerate(recipes):
-      color = f'C{i % 10}'
-      linestyle = '-' if i < 10 else ':'
-      per_epoch = collections.defaultdict(list)
-      for run in recipe:
-        for line in run.epochs:
-          per_epoch[line['epoch']].append(line['valid_ppl'])
-      epochs = sorted(per_epoch)
-      mean = [sum(per_epoch[e]) / len(per_epoch[e]) for e in epochs]
-      seeds = ', '.join(str(run.config.seed) for run in recipe)
-      for axis in (ax, zoom):
-        axis.plot(epochs, mean, color=color, linestyle=linestyle, marker='.', markersize=3,
-                  label=f'{recipe[0].recipe_label} (seed {seeds})' if axis is ax else None)
-        if len(recipe) > 1:
-          axis.fill_between(epochs, [min(per_epoch[e]) for e in epochs],
-                            [max(per_epoch[e]) for e in epochs], color=color, alpha=0.15)
-      row = recipe[0].row
-      if row and row.arg not in paper_lines[row.valid_ppl]:
-        paper_lines[row.valid_ppl].append(row.arg)
-    for value, args in paper_lines.items():
-      for axis in (ax, zoom):
-        axis.axhline(value, color='0.4', linestyle='--', linewidth=0.8)
-      zoom.annotate(f'paper {" = ".join(args)}: {value:g}', (1.0, value), color='0.3',
-                    fontsize=7, xycoords=('axes fraction', 'data'), xytext=(-2, 2),
-                    textcoords='offset points', ha='right')
-    ppls = [l['valid_ppl'] for run in members for l in run.epochs if math.isfinite(l['valid_ppl'])]
-    rows = list(paper_lines)
-    ax.set_yscale('log')
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    if ppls:
-      ax.set_ylim(0.95 * min(ppls + rows), min(max(ppls), 4 * max(rows or ppls)) * 1.05)
-    last_epoch = max(l['epoch'] for run in members for l in run.epochs)
-    late = [l['valid_ppl'] for run in members for l in run.epochs
-            if l['epoch'] > last_epoch / 2 and math.isfinite(l['valid_ppl'])]
-    zoom.set_xlim(last_epoch / 2, last_epoch + 0.5)
-    zoom.set_ylim(0.98 * min(late + rows), 1.02 * min(max(late), 1.15 * min(late + rows)))
-    for axis in (ax, zoom):
-      axis.set_xlabel('epoch')
-      axis.grid(True, which='both', alpha=0.3)
-    ax.set_ylabel('validation perplexity')
-    zoom.set_title('the second half, closer', fontsize=9)
-    ax.set_title(f'{group}: ours (solid: mean over seeds, shaded: their range);'
-                 ' the paper\'s final (dashed)', fontsize=9)
-    fig.legend(loc='lower center', fontsize=7, ncol=2)
-    fig.tight_layout(rect=(0, 0.03 * math.ceil(len(recipes) / 2) + 0.02, 1, 1))
+    fig = group_figure(group, members)
     name = f'valid_{group}.png'
     fig.savefig(os.path.join(out_dir, name), dpi=100)
     plt.close(fig)

@@ -1,6 +1,7 @@
-"""Shared test fixtures: the repository root and the shared data folder."""
+"""Shared test fixtures: the repository root and the real-data folder."""
 
 import contextlib
+import os
 import pathlib
 
 import jax
@@ -13,15 +14,49 @@ from jaxlm import models
 from jaxlm import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / 'shared' / 'data'
+
+# The real corpora: PTB and WikiText-2 under $JAXLM_DATA_DIR (the parent of ptb/ and
+# wikitext-2/), by default ../shared/data next to the repository. Never downloaded.
+DATA_DIR_ENV = 'JAXLM_DATA_DIR'
+REQUIRE_DATA_ENV = 'JAXLM_REQUIRE_DATA'  # 1: a missing folder fails the tests instead of skipping
+DEFAULT_DATA_DIR = REPO.parent / 'shared' / 'data'
+CORPUS_FILES = {
+    'ptb': [f'ptb/ptb.{split}.txt.gz' for split in ('train', 'valid', 'test')],
+    'wikitext2': [f'wikitext-2/wiki.{split}.tokens.gz' for split in ('train', 'valid', 'test')],
+}
+
+
+def real_data_dir() -> pathlib.Path:
+  """$JAXLM_DATA_DIR, else ../shared/data relative to the repository root."""
+  value = os.environ.get(DATA_DIR_ENV)
+  return pathlib.Path(value).expanduser().resolve() if value else DEFAULT_DATA_DIR
+
+
+def require_corpus(folder: pathlib.Path, corpus: str) -> None:
+  """Skips the test when `corpus`'s files are not in `folder`; fails instead under
+  JAXLM_REQUIRE_DATA=1 (CI), so that missing data is never mistaken for a pass."""
+  if not folder.is_dir():
+    problem = 'does not exist'
+  else:
+    missing = [name for name in CORPUS_FILES[corpus] if not (folder / name).is_file()]
+    if not missing:
+      return
+    problem = f'lacks {", ".join(missing)}'
+  reason = (f'real data: {DATA_DIR_ENV}={folder} {problem} (set {DATA_DIR_ENV} to the folder '
+            f'holding ptb/ and wikitext-2/; default ../shared/data from the repository root)')
+  if os.environ.get(REQUIRE_DATA_ENV, '') not in ('', '0'):
+    pytest.fail(f'{reason}; {REQUIRE_DATA_ENV}={os.environ[REQUIRE_DATA_ENV]} makes this a '
+                f'failure', pytrace=False)
+  pytest.skip(reason)
 
 
 @pytest.fixture(scope='session')
-def shared_data() -> pathlib.Path:
-  """../shared/data, where PTB and WikiText-2 live in this workplace (never downloaded)."""
-  if not (SHARED_DATA / 'ptb').is_dir():
-    pytest.fail(f'{SHARED_DATA} is missing: the real-data tests need ../shared/data')
-  return SHARED_DATA
+def real_data() -> pathlib.Path:
+  """The folder of the real corpora, with PTB checked; tests that also read WikiText-2 call
+  `require_corpus(real_data, 'wikitext2')`. Skips (or fails, see above) when they are missing."""
+  folder = real_data_dir()
+  require_corpus(folder, 'ptb')
+  return folder
 
 
 @pytest.fixture(scope='session')

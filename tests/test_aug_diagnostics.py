@@ -39,6 +39,7 @@ def untied_case(c, vocab=50, batch=4, bptt=6, seed=0):
   return model, params, inputs, targets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('with_bias', [False, True])
 def test_kl_with_bias_switch_against_float64(tiny, with_bias, fused):
@@ -73,6 +74,7 @@ def test_older_workdirs_keep_the_bias_in_the_kl():
   assert config_lib.from_saved(baseline).loss.kl_with_bias is False  # no KL
 
 
+@pytest.mark.slow
 def test_gradient_probe_against_hand_derived_logit_gradients(tiny):
   """d(sum CE / batch)/dz = (softmax(z) - onehot) / batch; d(sum KL / batch)/dz =
   (softmax((z - b) / tau) - y~) / (tau batch); norms over every token; parameter gradients
@@ -112,6 +114,7 @@ def test_gradient_probe_against_hand_derived_logit_gradients(tiny):
   assert plain['grad_kl_logits'] == pytest.approx(got['grad_kl_logits'], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_every_epoch_line_has_the_probe_and_the_test_line_the_target_sharpness(tiny, tmp_path):
   tiny.max_steps = 30
   tiny.eval_max_tokens = 100

@@ -10,7 +10,7 @@ import pytest
 from jaxlm import data
 from jaxlm.data import tiny
 from jaxlm.errors import UserError
-from tests.conftest import SHARED_DATA
+from tests.conftest import require_corpus
 
 
 PTB_TOKENS = {'train': 929_589, 'valid': 73_760, 'test': 82_430}
@@ -191,16 +191,18 @@ def test_vocabulary_encode_without_unk_raises():
 
 
 @pytest.fixture(scope='module')
-def ptb(shared_data, tfds_dir):
-  return data.load_corpus('ptb', data_dir=shared_data, tfds_dir=tfds_dir)
+def ptb(real_data, tfds_dir):
+  return data.load_corpus('ptb', data_dir=real_data, tfds_dir=tfds_dir)
 
 
 @pytest.fixture(scope='module')
-def wikitext2(shared_data, tfds_dir):
-  return data.load_corpus('wikitext2', data_dir=shared_data, tfds_dir=tfds_dir)
+def wikitext2(real_data, tfds_dir):
+  require_corpus(real_data, 'wikitext2')
+  return data.load_corpus('wikitext2', data_dir=real_data, tfds_dir=tfds_dir)
 
 
-def test_ptb(ptb, tfds_dir):
+@pytest.mark.slow
+def test_ptb(ptb, real_data, tfds_dir):
   assert isinstance(ptb, data.Corpus)
   assert len(ptb.vocab) == 10_000
   assert '<unk>' in ptb.vocab and 'N' in ptb.vocab
@@ -210,17 +212,18 @@ def test_ptb(ptb, tfds_dir):
     assert ids.dtype == np.int32 and ids.shape == (PTB_TOKENS[split],)
     assert (ids == eos).sum() == PTB_LINES[split]
     # Every token, in file order (hence line order), against an independent reading.
-    path = SHARED_DATA / 'ptb' / f'ptb.{split}.txt.gz'
+    path = real_data / 'ptb' / f'ptb.{split}.txt.gz'
     assert ptb.vocab.decode(ids) == reference_tokens(path)
-  first_line = read_lines(SHARED_DATA / 'ptb' / 'ptb.train.txt.gz')[0]
+  first_line = read_lines(real_data / 'ptb' / 'ptb.train.txt.gz')[0]
   first = ptb.splits['train'][:np.argmax(ptb.splits['train'] == eos)]
   assert ' '.join(ptb.vocab.decode(first)) == first_line.strip()
   # The TFDS dataset was written where asked.
   assert (tfds_dir / 'penn_treebank' / '1.0.0' / 'dataset_info.json').is_file()
 
 
-def test_ptb_vocabulary_order(ptb):
-  tokens = reference_tokens(SHARED_DATA / 'ptb' / 'ptb.train.txt.gz')
+@pytest.mark.slow
+def test_ptb_vocabulary_order(ptb, real_data):
+  tokens = reference_tokens(real_data / 'ptb' / 'ptb.train.txt.gz')
   counts = collections.Counter(tokens)
   first_seen = {}
   for i, w in enumerate(tokens):
@@ -230,6 +233,7 @@ def test_ptb_vocabulary_order(ptb):
   assert ptb.vocab.words[:3] == ('the', '<unk>', '<eos>')
 
 
+@pytest.mark.slow
 def test_ptb_second_load_reuses_tfds_data(ptb, tfds_dir, tmp_path, monkeypatch):
   # The source files are not needed once the TFDS dataset exists...
   monkeypatch.delenv('JAXLM_DATA_DIR', raising=False)
@@ -245,33 +249,36 @@ def test_ptb_second_load_reuses_tfds_data(ptb, tfds_dir, tmp_path, monkeypatch):
     data.load_corpus('ptb', data_dir=tmp_path / 'nothing', tfds_dir=tfds_dir)
 
 
-def test_wikitext2(wikitext2):
+@pytest.mark.slow
+def test_wikitext2(wikitext2, real_data):
   assert len(wikitext2.vocab) == 33_278
   eos = wikitext2.vocab.id('<eos>')
   for split in ('train', 'valid', 'test'):
     ids = wikitext2.splits[split]
     assert ids.shape == (WT2_TOKENS[split],)
     assert (ids == eos).sum() == WT2_LINES[split]
-  tokens = reference_tokens(SHARED_DATA / 'wikitext-2' / 'wiki.valid.tokens.gz')
+  tokens = reference_tokens(real_data / 'wikitext-2' / 'wiki.valid.tokens.gz')
   assert wikitext2.vocab.decode(wikitext2.splits['valid']) == tokens
   train = wikitext2.vocab.decode(wikitext2.splits['train'][:200])
   assert train[:6] == ['<eos>', '=', 'Valkyria', 'Chronicles', 'III', '=']
   assert '戦場のヴァルキュリア3' in train  # UTF-8 decoded.
 
 
-def test_data_dir_from_environment(ptb, tmp_path, monkeypatch):
-  monkeypatch.setenv('JAXLM_DATA_DIR', str(SHARED_DATA))  # The parent of ptb/.
+@pytest.mark.slow
+def test_data_dir_from_environment(ptb, real_data, tmp_path, monkeypatch):
+  monkeypatch.setenv('JAXLM_DATA_DIR', str(real_data))  # The parent of ptb/.
   corpus = data.load_corpus('ptb', tfds_dir=tmp_path)
   assert corpus.vocab == ptb.vocab
   np.testing.assert_array_equal(corpus.splits['test'], ptb.splits['test'])
 
 
-def test_plain_files_with_short_names(ptb, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_plain_files_with_short_names(ptb, real_data, tmp_path, monkeypatch):
   monkeypatch.setenv('JAXLM_DATA_DIR', str(tmp_path / 'ignored'))  # data_dir wins.
   folder = tmp_path / 'src'
   folder.mkdir()
   for split in ('train', 'valid', 'test'):
-    with gzip.open(SHARED_DATA / 'ptb' / f'ptb.{split}.txt.gz', 'rb') as f:
+    with gzip.open(real_data / 'ptb' / f'ptb.{split}.txt.gz', 'rb') as f:
       (folder / f'{split}.txt').write_bytes(f.read())
   corpus = data.load_corpus('ptb', data_dir=str(folder), tfds_dir=tmp_path / 'tfds')
   assert corpus.vocab == ptb.vocab

@@ -13,6 +13,8 @@ from jaxlm import losses
 from jaxlm import models
 from tests.conftest import assert_trees_close
 
+pytestmark = pytest.mark.slow  # a trained tiny model, and the command line
+
 
 @pytest.fixture(scope='module')
 def tiny_model():

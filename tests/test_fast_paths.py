@@ -36,6 +36,7 @@ def loss_case(seed, batch=3, time=5, vocab=17, dim=6, repeat=True):
   return logits, jnp.asarray(targets), embedding, g_ce, g_kl
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stop', [False, True])
 @pytest.mark.parametrize('tau', [1.0, 2.5, 20.0])
 def test_fused_ce_and_kl_equal_plain_definitions(stop, tau):
@@ -60,6 +61,7 @@ def test_fused_ce_and_kl_equal_plain_definitions(stop, tau):
       assert np.max(np.abs(plain[1][1])) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stop', [False, True])
 def test_fused_ce_and_kl_with_a_kl_bias_equal_plain_definitions(stop):
   """The KL without the read-out's bias: values and gradients for z, E and the bias."""
@@ -89,6 +91,7 @@ def test_fused_cross_entropy_alone_equals_plain():
     assert_trees_close(total(fused_ce), total(lambda z: losses.cross_entropy(z, targets)))
 
 
+@pytest.mark.slow
 def test_fused_kl_passes_numerical_gradient_check():
   with jax.enable_x64(True):
     logits, targets, embedding, _, _ = loss_case(8, batch=2, time=3, vocab=7, dim=3)
@@ -111,6 +114,7 @@ def test_max_distinct_targets_is_the_largest_count_over_windows():
   assert data.max_distinct_targets(streams, 7) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('masked', [False, True])
 @pytest.mark.parametrize('steps', [1, 5])
 def test_lstm_custom_vjp_equals_autodiff(masked, steps):
@@ -143,6 +147,7 @@ def tiny_lstm_config(arg, stop=False):
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arg,stop,bias', [
     ('real', False, None), ('real', True, None), ('al', False, False), ('al', False, True),
     ('real', False, True), ('re', False, None), ('baseline', False, None)])

@@ -29,6 +29,8 @@ from jaxlm.errors import DiskFull, UserError
 from tests.conftest import REPO, opened_checkpoints, restore_latest_state
 from tests.test_launch import check_one_line_error, launch
 
+pytestmark = pytest.mark.slow  # launch.py subprocesses and training runs: minutes
+
 TINY = [f'--config={REPO / "configs" / "tiny.py"}', '--config.checkpoint_every=10',
         '--config.eval_max_tokens=50']
 WARNING = re.compile(r'^W\d{4} .*?\] (.*)$', re.MULTILINE)

@@ -55,6 +55,7 @@ def huge_pages_always():
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc only')
 @pytest.mark.skipif(huge_pages_always(), reason='faults come in 2 MiB pages: too few to count')
 def test_freed_memory_is_reused_without_page_faults():

@@ -180,6 +180,7 @@ def test_predict_matches_a_numpy_forward_pass(lstm):
   assert inference.tokenize_prompt('the cat . \n the') == ['the', 'cat', '.', '<eos>', 'the']
 
 
+@pytest.mark.slow
 def test_predict_on_the_trained_model_is_a_direct_forward_pass(tiny_model):
   _, model, params, vocab = tiny_model
   phrases = ['the dog near the cats', 'there are', 'ann counts four five', 'zebra runs']
@@ -252,6 +253,7 @@ def greedy(model, params, ids, num_tokens):
   return out
 
 
+@pytest.mark.slow
 def test_sample_is_seeded_greedy_when_cold_and_in_vocabulary(tiny_model):
   _, model, params, vocab = tiny_model
   kwargs = dict(prompt='the dog near the', num_tokens=25)
@@ -297,6 +299,7 @@ def test_score_against_numpy_with_state_across_lines_and_windows(lstm):
       f'tokens=11 log_likelihood={score.log_likelihood:.2f} ppl={score.perplexity:.2f} unk=0')
 
 
+@pytest.mark.slow
 def test_unknown_words_map_to_unk_or_fail(tiny_model, lstm):
   _, model, params, vocab = tiny_model
   score = inference.score_lines(model, params, vocab, ['the zebra runs .', 'a zebra yak'], 10)
@@ -321,6 +324,7 @@ def valid_text(config, vocab) -> str:
   return inference.detokenize(vocab.decode(corpus.splits['valid']))
 
 
+@pytest.mark.slow
 def test_score_of_the_validation_split_is_evals_perplexity(tiny, tiny_model):
   config, model, params, vocab = tiny_model
   lines = valid_text(config, vocab).split('\n')[:-1]  # the text ends with <eos>
@@ -331,6 +335,7 @@ def test_score_of_the_validation_split_is_evals_perplexity(tiny, tiny_model):
   assert score.perplexity == pytest.approx(eval_ppl, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_arguments_are_user_errors(tiny_model):
   _, model, params, vocab = tiny_model
   for call, match in [
@@ -360,6 +365,7 @@ def launch_all(commands):
     return list(pool.map(lambda args: launch(*args), commands))
 
 
+@pytest.mark.slow
 def test_launch_modes_and_their_mistakes(tmp_path, tiny, tiny_model, constant, lstm):
   config, _, _, vocab = tiny_model
   (tmp_path / 'valid.txt').write_text(valid_text(config, vocab))

@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # launch.py in subprocesses: seconds to a minute each
+
 
 def launch(*args, cwd=REPO, env_extra=None, python_args=None):
   """launch.py ARGS in a subprocess on the CPU; `python_args` replaces `launch.py` (e.g. with
@@ -69,9 +71,9 @@ def test_tiny_end_to_end_with_relative_workdir(tmp_path, tfds_dir):
   assert len(steps) == len(set(steps))
 
 
-def test_real_ptb_few_steps(tmp_path, shared_data, tfds_dir):
+def test_real_ptb_few_steps(tmp_path, real_data, tfds_dir):
   proc = launch('--config', str(REPO / 'configs' / 'ptb_lstm.py') + ':small,real',
-                '--workdir', str(tmp_path / 'ptb'), f'--config.data.dir={shared_data}',
+                '--workdir', str(tmp_path / 'ptb'), f'--config.data.dir={real_data}',
                 f'--config.data.tfds_dir={tfds_dir}', '--config.max_steps=3',
                 '--config.eval_max_tokens=2000', '--config.log_every=1')
   assert proc.returncode == 0, proc.stderr

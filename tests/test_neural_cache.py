@@ -102,6 +102,7 @@ def test_hidden_states_come_with_the_plain_log_probabilities():
     evaluation.log_probs_and_hidden(model, params, data.eval_windows(stream, 2, c.bptt))
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path, tfds_dir):
   workdir = tmp_path / 'w'
   assert launch('--config=configs/tiny.py', f'--workdir={workdir}',

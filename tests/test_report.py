@@ -64,6 +64,7 @@ def cells(report_text, name):
   return dict(zip(report.HEADER, [c.strip() for c in line.strip('|').split('|')]))
 
 
+@pytest.mark.slow
 def test_report_table_compares_each_run_with_its_paper_row(runs, tmp_path):
   path = report.write_report(str(runs), str(tmp_path))
   text = open(path, encoding='utf-8').read()
@@ -96,6 +97,7 @@ def recipe_cells(report_text, recipe):
   return dict(zip(report.RECIPE_HEADER, [c.strip() for c in line.strip('|').split('|')]))
 
 
+@pytest.mark.slow
 def test_runs_that_differ_only_in_seed_are_one_recipe_row(runs, tmp_path):
   # Two more seeds of PTB small RE: one finished, one trained but not evaluated at the end.
   saved = json.loads((runs / 'ptb_small_re' / 'config.json').read_text())
@@ -129,6 +131,7 @@ def test_runs_that_differ_only_in_seed_are_one_recipe_row(runs, tmp_path):
   assert recipe_cells(text, 'small,re')['runs'] == '`re_s0`, `re_s1`, `re_s2`'
 
 
+@pytest.mark.slow
 def test_report_plots_each_size_with_the_papers_numbers(runs, tmp_path):
   report.write_report(str(runs), str(tmp_path))
   text = (tmp_path / report.REPORT_FILE).read_text()
@@ -137,6 +140,7 @@ def test_report_plots_each_size_with_the_papers_numbers(runs, tmp_path):
     assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_report_command_and_its_errors(runs, tmp_path):
   done = subprocess.run([sys.executable, '-m', 'jaxlm.report', f'--runs={runs}',
                          f'--out={tmp_path}'], cwd=REPO, capture_output=True, text=True)
@@ -190,3 +194,51 @@ def test_nearest_row_names_the_row_a_run_varies_and_what_it_changes(monkeypatch)
   c = config_lib.lstm_config('ptb', 'small,real')
   c.loss.temperature = 5.0
   assert paper.nearest_row(c) is None
+
+
+def test_plot_legend_sits_below_the_curves_and_names_the_papers_lines(tmp_path):
+  """The legend covers no axes (not the first epochs' steep curves either), and every dashed
+  line of the paper has its entry: 'paper ROW valid PPL'."""
+  plt = pytest.importorskip('matplotlib.pyplot')
+  recipes = [('small,baseline', None), ('small,re', None), ('small,al', None),
+             ('small,real', None), ('small,real', 5.0), ('small,real', 10.0)]
+  for i, (arg, temperature) in enumerate(recipes):
+    for seed in (0, 1, 2):
+      c = config_lib.lstm_config('ptb', arg)
+      c.seed = seed
+      if temperature:
+        c.loss.temperature = temperature
+      epochs = [{'kind': 'epoch', 'step': 1327 * e, 'epoch': e, 'complete': True, 'lr': 1.0,
+                 'train_ppl': 100.0, 'valid_ppl': 90.0 + i + seed + 300.0 / e,
+                 'tokens_per_sec': 700.0} for e in range(1, 40)]
+      write_workdir(tmp_path / f'run{i}_s{seed}', c, epochs)
+  runs = report.find_runs(str(tmp_path))
+  assert {run.group for run in runs} == {'ptb_small'}
+  fig = report.group_figure('ptb_small', runs)
+  try:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert len(fig.axes) == 2
+    for axis in fig.axes:
+      data_area = axis.get_window_extent(renderer)
+      assert not box.overlaps(data_area), (box, data_area)
+      assert not box.overlaps(axis.get_tightbbox(renderer))  # nor the tick labels, the x label
+      assert box.y1 < data_area.y0  # below the panels
+    labels = [text.get_text() for text in legend.get_texts()]
+    paper_rows = {}
+    for arg in ('small,baseline', 'small,re', 'small,al', 'small,real'):
+      row = paper.match_row(config_lib.lstm_config('ptb', arg))
+      paper_rows.setdefault(row.valid_ppl, []).append(row.arg)
+    expected = [f'paper {" = ".join(args)} valid {value:g}' for value, args in paper_rows.items()]
+    assert 'paper small,re valid 89.9' in expected
+    for axis in fig.axes:
+      dashed = [line for line in axis.get_lines() if line.get_linestyle() == '--']
+      assert sorted(line.get_ydata()[0] for line in dashed) == sorted(paper_rows)
+    dashed = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == '--']
+    assert sorted(line.get_label() for line in dashed) == sorted(expected)
+    assert set(expected) <= set(labels)
+    assert len(labels) == len(expected) + len(recipes)  # one entry per recipe, seeds pooled
+  finally:
+    plt.close(fig)

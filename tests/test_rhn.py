@@ -95,6 +95,7 @@ def random_params(core, key, scale=0.5, input_size=IN):
       tree, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layers,steps,separate,micro_scan', [
     (1, 1, False, False), (1, 1, True, False), (1, 1, False, True), (2, T, False, False),
     (2, T, True, True)])
@@ -114,6 +115,7 @@ def test_rhn_core_matches_numpy(layers, steps, separate, micro_scan):
       np.testing.assert_allclose(s, s_expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_rhn_language_model_matches_numpy():
   config = config_lib.tiny_config('rhn')
   config.model.hidden_size = config.model.embed_size = H
@@ -203,6 +205,7 @@ def test_carry_coupling_uses_the_unmasked_state():
     np.testing.assert_allclose(new_s, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_transform_gate_bias_and_uniform_init():
   config = config_lib.rhn_config('ptb', None)
   config.model.hidden_size = config.model.embed_size = 40
@@ -224,6 +227,7 @@ def test_transform_gate_bias_and_uniform_init():
   np.testing.assert_array_equal(np.asarray(params['core']['bias_0'])[:, 40:], -1.5)
 
 
+@pytest.mark.slow
 def test_one_state_mask_for_every_micro_layer_and_step():
   """A unit dropped by the state mask never reaches another unit, at any micro-layer or step
   of the window (it still carries itself through the coupling); an input unit dropped by
@@ -289,6 +293,7 @@ def test_parameter_counts(corpus, arg, vocab):
     assert 23e6 <= count <= 24e6
 
 
+@pytest.mark.slow
 def test_tiny_rhn_trains_and_lowers_perplexity(tfds_dir, tmp_path):
   tiny = config_lib.tiny_config('rhn')
   tiny.data.tfds_dir = str(tfds_dir)
@@ -313,9 +318,10 @@ def test_tiny_rhn_trains_and_lowers_perplexity(tfds_dir, tmp_path):
     assert value == pytest.approx(result[key], rel=1e-6)
 
 
-def test_ptb_rhn_launch_end_to_end(tmp_path, shared_data, tfds_dir):
+@pytest.mark.slow
+def test_ptb_rhn_launch_end_to_end(tmp_path, real_data, tfds_dir):
   proc = launch('--config', str(REPO / 'configs' / 'ptb_rhn.py'),
-                '--workdir', str(tmp_path / 'rhn'), f'--config.data.dir={shared_data}',
+                '--workdir', str(tmp_path / 'rhn'), f'--config.data.dir={real_data}',
                 f'--config.data.tfds_dir={tfds_dir}', '--config.max_steps=2',
                 '--config.num_epochs=1', '--config.eval_max_tokens=300',
                 '--config.eval_batch_size=1', '--config.log_every=1')
@@ -364,6 +370,7 @@ def np_pass_log_probs(config, model, params, stream, key, num_passes, word_types
   return np.stack(log_probs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('core_name', ['rhn', 'lstm'])
 def test_mc_dropout_matches_per_pass_numpy(core_name):
   config, model, params = tiny_model(core_name)
@@ -403,6 +410,7 @@ def test_mc_dropout_without_dropout_is_the_deterministic_perplexity():
   assert mc == pytest.approx(deterministic, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_mc_dropout_discards_passes_above_max_ppl():
   _, model, params = tiny_model('lstm', rate=0.6)
   stream = np.random.default_rng(2).integers(0, V, 30).astype(np.int32)

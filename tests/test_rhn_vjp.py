@@ -91,6 +91,7 @@ def test_masks_get_zero_gradients():
     assert all(np.all(np.asarray(g) == 0.0) for g in grads)
 
 
+@pytest.mark.slow
 def test_bfloat16_kernel_gradients_match_float32():
   """A bfloat16 kernel: matmuls in bfloat16 with float32 accumulation, R's gradient in
   bfloat16; both paths within bfloat16 rounding of the float32 gradients."""
@@ -106,6 +107,7 @@ def test_bfloat16_kernel_gradients_match_float32():
     assert_trees_close(grads, reference, rtol=0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('separate', [False, True])
 def test_language_model_gradient_equal_with_and_without_custom_vjp(separate):
   """The whole model (two RHN layers, every dropout mask on) differentiated either way."""

@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import REPO, restore_latest_state
 
+pytestmark = pytest.mark.slow  # subprocesses on 8 simulated devices and two processes
+
 # Tolerances from float32 rounding, derived rather than tuned (measured margins in the tests).
 #
 # Parameters. A layout changes only the order of float32 sums: the gradient of each weight is a

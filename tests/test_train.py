@@ -51,6 +51,7 @@ def test_schedule_matches_the_papers_formula():
     np.testing.assert_allclose(-updates['w'], train.epoch_learning_rate(optim, epoch), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_loss_is_ce_plus_weighted_kl_plus_l2_summed_over_time(tiny):
   tiny.optim.weight_decay = 1e-3
   model = models.build_model(tiny, 50)
@@ -79,6 +80,7 @@ def test_loss_is_ce_plus_weighted_kl_plus_l2_summed_over_time(tiny):
       float(np.mean(ce)) + 3.0 * float(np.mean(kl)) + 1e-3 * l2 / 2, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_train_step_is_clipped_sgd_on_the_loss(tiny):
   model = models.build_model(tiny, 50)
   tx = train.make_optimizer(tiny.optim, 10)
@@ -99,6 +101,7 @@ def test_train_step_is_clipped_sgd_on_the_loss(tiny):
                new_state.params, expected)
 
 
+@pytest.mark.slow
 def test_tiny_training_lowers_perplexity(tiny, tmp_path):
   tiny.num_epochs = 1
   corpus = data.load_corpus('tiny', tfds_dir=tiny.data.tfds_dir)
@@ -123,6 +126,7 @@ def test_tiny_training_lowers_perplexity(tiny, tmp_path):
   assert again['test_ppl'] == pytest.approx(result['test_ppl'], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
   tiny.num_epochs = 2
   tiny.checkpoint_every = 100
@@ -149,6 +153,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
   assert [s for s in steps if s != 250] == straight_steps  # 250: the stop's own line
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
   tiny.optim.learning_rate = 1e38
   tiny.checkpoint_every = 1
@@ -158,6 +163,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.slow
 def test_workdir_of_another_model_shape_is_refused(tiny, tmp_path):
   tiny.max_steps = 5
   tiny.eval_max_tokens = 100
@@ -177,6 +183,7 @@ def test_eval_of_an_empty_workdir_is_refused(tiny, tmp_path):
     inference.evaluate_trained(inference.load_trained(str(tmp_path), config=tiny))
 
 
+@pytest.mark.slow
 def test_workdir_keeps_its_config(tiny, tmp_path):
   tiny.max_steps = 2
   tiny.eval_max_tokens = 50
@@ -221,6 +228,7 @@ def test_unit_norm_embedding_holds_at_init_and_after_every_step(tiny):
     assert not np.allclose(before, models.embedding_matrix(state.params))  # it did train
 
 
+@pytest.mark.slow
 def test_untied_runs_report_the_subspace_distance_of_e_and_w(tiny, tmp_path):
   tiny.model.tied = False
   tiny.max_steps = 20
@@ -239,6 +247,7 @@ def test_untied_runs_report_the_subspace_distance_of_e_and_w(tiny, tmp_path):
       models.build_model(config_lib.tiny_config(), 50), jax.random.PRNGKey(0), 1, 1)) == {}
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_recipe_but_allows_a_longer_run(tiny, tmp_path):
   tiny.max_steps = 5
   tiny.eval_max_tokens = 100
@@ -283,6 +292,7 @@ def nan_loss(step_metrics):
   return {**step_metrics, 'loss': jnp.array(jnp.nan, jnp.float32)}
 
 
+@pytest.mark.slow
 def test_injected_nan_loss_at_a_checkpoint_step_is_not_saved(tiny, tmp_path, monkeypatch):
   tiny.checkpoint_every = 5
   inject_into_train_step(monkeypatch, {10: nan_loss})
@@ -291,6 +301,7 @@ def test_injected_nan_loss_at_a_checkpoint_step_is_not_saved(tiny, tmp_path, mon
   assert latest_steps(tmp_path) == [5]  # the save of step 10 read its loss first
 
 
+@pytest.mark.slow
 def test_injected_nan_loss_at_a_sigterm_step_is_not_saved(tiny, tmp_path, monkeypatch):
   tiny.checkpoint_every = 5
 
@@ -305,6 +316,7 @@ def test_injected_nan_loss_at_a_sigterm_step_is_not_saved(tiny, tmp_path, monkey
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # fit put the handler back
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_it_stopped_at(tiny, tmp_path, monkeypatch):
   tiny.checkpoint_every = 100
   tiny.eval_max_tokens = 50
@@ -322,6 +334,7 @@ def test_sigterm_saves_the_step_it_stopped_at(tiny, tmp_path, monkeypatch):
   assert int(restore_latest_state(tmp_path)[0].step) == 23
 
 
+@pytest.mark.slow
 def test_signal_during_the_final_evaluation_stops_at_once(tiny, tmp_path, monkeypatch):
   tiny.max_steps = 5
   tiny.eval_max_tokens = 50
@@ -338,6 +351,7 @@ def test_signal_during_the_final_evaluation_stops_at_once(tiny, tmp_path, monkey
   assert stopped.value.exit_status == 130
 
 
+@pytest.mark.slow
 def test_time_based_saves_at_train_lines(tiny, tmp_path, monkeypatch):
   tiny.max_steps = 40
   tiny.log_every = 10
@@ -354,6 +368,7 @@ def test_time_based_saves_at_train_lines(tiny, tmp_path, monkeypatch):
   assert steps == [10, 20, 30, 40]  # 40: the run's end
 
 
+@pytest.mark.slow
 def test_position_comes_from_the_step_and_older_metas_resume(tiny, tmp_path):
   """Across epoch ends and resumes the run reads window step % steps_per_epoch and resets the
   carry at each epoch start, as one uninterrupted run does; a checkpoint written before the
