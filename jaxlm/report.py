@@ -1,6 +1,6 @@
 """The results report: every run under a folder, against the paper's numbers.
 
-  python -m jaxlm.report --runs=~/jaxlm-runs --out=results
+  python -m jaxlm.report --runs=results --out=results
 
 reads each workdir under --runs (a folder holding `config.json` and `metrics.jsonl`, at any
 depth) and writes to --out:
@@ -15,7 +15,9 @@ depth) and writes to --out:
   machine;
 - `valid_CORPUS_SIZE.png`: validation perplexity per epoch of the recipes of one size on one
   plot (the layout of the paper's Figure 2): the mean over a recipe's runs, their range
-  shaded; the paper's final validation numbers dashed.
+  shaded; the paper's final validation numbers dashed;
+- in `report.md`, when `RUNS/adaptation/*.json` exist (`experiments/tune_adaptation.py`), a
+  table of test-time adaptation: plain, neural cache, dynamic evaluation and both.
 
 Only the two files are needed: a run's workdir can be reduced to them (as under `results/`).
 """
@@ -41,6 +43,7 @@ from jaxlm.errors import UserError
 from jaxlm.metrics import METRICS_FILE, read_metrics
 
 REPORT_FILE = 'report.md'
+ADAPTATION_DIR = 'adaptation'  # under --runs: experiments/tune_adaptation.py's JSON files
 VOCAB_SIZES = {'ptb': 10000, 'wikitext2': 33278}  # where a reduced workdir has no vocab.txt
 LSTM_SIZE_NAMES = {200: 'small', 650: 'medium', 1500: 'large'}
 
@@ -375,6 +378,46 @@ def plot_groups(runs: list[Run], out_dir: str) -> list[str]:
   return names
 
 
+ADAPTATION_HEADER = ['run', 'plain val / test', 'cache val / test', 'dynamic val / test',
+                     'both val / test', 'test: cache / dynamic / both', 'chosen on valid',
+                     'machine']
+
+
+def adaptation_row(result: dict[str, Any]) -> list[str]:
+  """The cells of one tuned run (`experiments/tune_adaptation.py`'s JSON): each method's
+  validation and test perplexity, its change on test against plain evaluation, the settings."""
+  valid, test = result['valid'], result['test']
+  methods = ('cache', 'dynamic', 'both')
+  cache, dynamic, both = result['cache'], result['dynamic'], result['both_cache']
+  chosen = (f'cache {cache["window"]}, θ {cache["theta"]}, λ {cache["lam"]}; dynamic η'
+            f' {dynamic["lr"]:g}, λ {dynamic["decay"]:g}; both: cache {both["window"]}, θ'
+            f' {both["theta"]}, λ {both["lam"]}')
+  return ([f'`{result["run"]}`'] +
+          [f'{valid[k]:.2f} / {test[k]:.2f}' for k in ('plain',) + methods] +
+          [' / '.join(_difference(test[k], test['plain']) for k in methods), chosen,
+           result.get('machine', '—')])
+
+
+def adaptation_table(runs_dir: str) -> Optional[str]:
+  """The table of every `RUNS/adaptation/*.json`, or None when there is none."""
+  folder = os.path.join(runs_dir, ADAPTATION_DIR)
+  names = sorted(n for n in os.listdir(folder) if n.endswith('.json')) if os.path.isdir(
+      folder) else []
+  if not names:
+    return None
+  lines = ['| ' + ' | '.join(ADAPTATION_HEADER) + ' |', '|' + '---|' * len(ADAPTATION_HEADER)]
+  for name in names:
+    path = os.path.join(folder, name)
+    try:
+      with open(path, encoding='utf-8') as f:
+        cells = adaptation_row(json.load(f))
+    except (ValueError, KeyError, TypeError) as e:
+      raise UserError(f'{path} is not a result of experiments/tune_adaptation.py ({e!r}):'
+                      ' move it out of that folder or rerun the experiment') from None
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def write_report(runs_dir: str, out_dir: str) -> str:
   """Writes report.md and the plots for the runs under `runs_dir`; returns report.md's path."""
   runs = find_runs(runs_dir)
@@ -393,6 +436,13 @@ def write_report(runs_dir: str, out_dir: str) -> str:
           'Ours: the best parameters (by validation) at batch 1, every token once; for an'
           ' unfinished run, its latest validation. Train time sums the train steps only.', '']
   text += [f'![{name}]({name})' for name in plots]
+  adaptation = adaptation_table(runs_dir)
+  if adaptation is not None:
+    text += ['', '## Test-time adaptation', '', adaptation, '',
+             'At batch 1 from the best checkpoint, every target scored once: the neural cache and'
+             ' dynamic evaluation (RMS method), each tuned on valid with small grids and then'
+             ' scored once on test (`experiments/tune_adaptation.py`; the grids are in the JSON'
+             f' files under `{ADAPTATION_DIR}/`). Test change: against plain evaluation.']
   path = os.path.join(out_dir, REPORT_FILE)
   with open(path, 'w', encoding='utf-8') as f:
     f.write('\n'.join(text) + '\n')

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from jaxlm import config as config_lib
+from jaxlm import errors
 from jaxlm import paper
 from jaxlm import report
 from jaxlm import train
@@ -242,3 +243,37 @@ def test_plot_legend_sits_below_the_curves_and_names_the_papers_lines(tmp_path):
     assert len(labels) == len(expected) + len(recipes)  # one entry per recipe, seeds pooled
   finally:
     plt.close(fig)
+
+
+def adaptation_result(run, valid, test):
+  return {'run': run, 'machine': 'cpu: a test (2 cores)',
+          'valid': dict(zip(('plain', 'cache', 'dynamic', 'both'), valid)),
+          'test': dict(zip(('plain', 'cache', 'dynamic', 'both'), test)),
+          'cache': {'window': 500, 'theta': 0.7, 'lam': 0.1},
+          'dynamic': {'lr': 1e-4, 'decay': 0.002},
+          'both_cache': {'window': 100, 'theta': 0.5, 'lam': 0.05}}
+
+
+def test_report_tabulates_test_time_adaptation_against_plain_evaluation(tmp_path):
+  runs = tmp_path / 'runs'
+  final = {'kind': 'test', 'step': 2654, 'valid_ppl': 94.0, 'test_ppl': 90.0}
+  write_workdir(runs / 'ptb_small_re', config_lib.lstm_config('ptb', 'small,re'), [final])
+  without = open(report.write_report(str(runs), str(tmp_path / 'a')), encoding='utf-8').read()
+  assert 'Test-time adaptation' not in without
+
+  (runs / report.ADAPTATION_DIR).mkdir()
+  (runs / report.ADAPTATION_DIR / 'ptb_small_re.json').write_text(json.dumps(
+      adaptation_result('ptb_small_re', (94.0, 84.6, 80.0, 75.2), (100.0, 90.0, 80.0, 75.0))))
+  text = open(report.write_report(str(runs), str(tmp_path / 'b')), encoding='utf-8').read()
+  line = next(l for l in text.splitlines() if l.startswith('| `ptb_small_re` | 94.00'))
+  row = dict(zip(report.ADAPTATION_HEADER, [c.strip() for c in line.strip('|').split('|')]))
+  assert row['plain val / test'] == '94.00 / 100.00'
+  assert row['dynamic val / test'] == '80.00 / 80.00'
+  assert row['test: cache / dynamic / both'] == '-10.0% / -20.0% / -25.0%'
+  assert row['chosen on valid'] == ('cache 500, θ 0.7, λ 0.1; dynamic η 0.0001, λ 0.002;'
+                                    ' both: cache 100, θ 0.5, λ 0.05')
+  assert row['machine'] == 'cpu: a test (2 cores)'
+
+  (runs / report.ADAPTATION_DIR / 'broken.json').write_text('{"run": "x"}')
+  with pytest.raises(errors.UserError, match='broken.json is not a result of'):
+    report.write_report(str(runs), str(tmp_path / 'c'))
