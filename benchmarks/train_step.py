@@ -21,7 +21,6 @@ import dataclasses
 import importlib.util
 import math
 import os
-import platform
 import re
 import resource
 import statistics
@@ -129,13 +128,7 @@ class EvalResult:
 
 def machine_line() -> str:
   """CPU model, cores, jax version and backend."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-    cpu = names[0] if names else cpu
-  except OSError:
-    pass
+  cpu = host.cpu_model()
   usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   device = jax.devices()[0]
   return (f'{cpu}, {usable} of {os.cpu_count()} cores usable; jax {jax.__version__}, backend'

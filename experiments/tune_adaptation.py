@@ -26,8 +26,8 @@ import numpy as np
 
 from jaxlm import data as data_lib
 from jaxlm import evaluation
+from jaxlm import host
 from jaxlm import inference
-from jaxlm import train
 from jaxlm.errors import UserError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir.')
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
     return log_p, hidden, time.time() - t
 
   report = {'run': os.path.basename(os.path.normpath(os.path.expanduser(_WORKDIR.value))),
-            'machine': train.machine_description(),
+            'machine': host.machine_description(),
             'xla_flags': os.environ.get('XLA_FLAGS', ''),
             'jax_version': jax.__version__, 'segment': evaluation.DYNAMIC_SEGMENT,
             'epsilon': evaluation.DYNAMIC_EPSILON, 'method': 'rms'}

@@ -1,4 +1,5 @@
-"""Settings of the host process that XLA's CPU runtime runs faster with.
+"""The host: what it is (`cpu_model`, `machine_description`) and the process settings XLA's CPU
+runtime runs faster with.
 
 XLA on the CPU allocates each execution's temporary buffer (78 MiB for the small PTB LSTM's
 train step, 145 MiB with the augmented loss) with malloc, from one of its worker threads.
@@ -16,6 +17,7 @@ import pkgutil
 import platform
 
 from absl import logging
+import jax
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -66,3 +68,22 @@ def keep_freed_memory() -> bool:
     logging.warning('glibc refused mallopt %s: freed memory may still go back to the system',
                     ', '.join(refused))
   return not refused
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (e.g. 'AMD EPYC 7B13'), else what `platform`
+  knows (the architecture at least)."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+  except OSError:
+    names = []
+  return names[0] if names else (platform.processor() or platform.machine() or 'unknown CPU')
+
+
+def machine_description() -> str:
+  """What a run computes on, e.g. 'cpu: AMD EPYC 7B13 (2 cores)' or '8 x TPU v4'."""
+  devices = jax.devices()
+  if devices[0].platform != 'cpu':
+    return f'{len(devices)} x {devices[0].device_kind}'
+  return f'cpu: {cpu_model()} ({os.cpu_count()} cores)'

@@ -1,4 +1,4 @@
-"""Training: the train state, the loss, the jitted train step, and `fit`, the loop over them.
+"""Training: the train state, the jitted train step, and `fit`, the loop over them.
 
 One batch's way: windows x, y int32[batch, bptt] -> `train_step(state, x, y)`: masks drawn
 from fold_in(key, step) -> logits [batch, bptt, V] -> CE + alpha * KL (+ L2) -> clip -> SGD.
@@ -24,11 +24,12 @@ import optax
 
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
+from jaxlm import diagnostics
 from jaxlm import evaluation
-from jaxlm import losses
+from jaxlm import host
 from jaxlm import models
+from jaxlm import objective
 from jaxlm import sharding
-from jaxlm import subspace
 from jaxlm.checkpoint import Checkpointer, abstract, check_resumed_config, check_writable_workdir
 from jaxlm.checkpoint import model_signature, save_config
 from jaxlm.checkpoint import save_or_check_vocab
@@ -109,115 +110,6 @@ def setup_train_state(
   return jax.jit(new_state, out_shardings=shardings)(), shardings
 
 
-def loss_weights(loss_config: ml_collections.ConfigDict, vocab_size: int) -> tuple[float, float]:
-  """The weights of CE (J) and KL (J^aug) in the loss.
-
-  (1, gamma * tau) by default: J + alpha J^aug. With `loss_config.beta` set, section 6.2's
-  (1 - beta, beta tau^2 V): for a large tau the KL's gradient, (y^tau - y~) / tau, is about
-  (z - E u) / (tau^2 V), and the factor brings it back to order one.
-  """
-  if loss_config.beta is None:
-    return 1.0, loss_config.aug_weight
-  beta, tau = loss_config.beta, loss_config.temperature
-  return 1.0 - beta, beta * tau**2 * vocab_size
-
-
-def kl_bias_of(loss_config: ml_collections.ConfigDict, params: Any) -> Optional[jax.Array]:
-  """The bias the KL takes out of the logits: the read-out's, unless `loss.kl_with_bias`."""
-  return None if loss_config.kl_with_bias else models.readout_bias(params)
-
-
-def make_gradient_probe(model: models.LanguageModel, config: ml_collections.ConfigDict
-                        ) -> Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]:
-  """probe(params, inputs, targets [batch, time]) -> how hard each loss pushes, jitted.
-
-  On one window from a zero state without dropout: the global norms of the gradients of the
-  cross-entropy J and of the augmented loss J^aug (unweighted, at `loss.temperature`), each
-  reduced as the train loss reduces it, with respect to the logits and to the parameters,
-  from the plain definitions (autodiff). `aug_grad_ratio_*` is the weighted ratio
-  alpha |grad J^aug| / |grad J| of the loss being trained (with `loss.beta`: beta tau^2 V
-  against 1 - beta), present when the augmented loss is on. The KL's gradient on the logits
-  is (y^tau - y~) / tau per token: near uniform y^tau and y~ over V words it is of order
-  1 / (V tau), which is what this measures (docs/reproduction.md).
-  """
-  loss_config = config.loss
-  ce_weight, kl_weight = loss_weights(loss_config, model.vocab_size)
-  reduce = lambda values: losses.reduce_tokens(values, None, loss_config.reduction)
-
-  def kl_of(logits, targets, params):
-    return reduce(losses.augmented_kl(
-        logits, targets, models.embedding_matrix(params), loss_config.temperature,
-        loss_config.stop_target_gradient, kl_bias_of(loss_config, params)))
-
-  def probe(params, inputs, targets):
-    logits_of = lambda p: model.apply(
-        {'params': p}, inputs, model.initial_carry(inputs.shape[0]))[0]
-    logits = logits_of(params)
-    norms = {
-        'grad_ce_logits': optax.tree.norm(
-            jax.grad(lambda z: reduce(losses.cross_entropy(z, targets)))(logits)),
-        'grad_kl_logits': optax.tree.norm(
-            jax.grad(lambda z: kl_of(z, targets, params))(logits)),
-        'grad_ce_params': optax.tree.norm(
-            jax.grad(lambda p: reduce(losses.cross_entropy(logits_of(p), targets)))(params)),
-        'grad_kl_params': optax.tree.norm(
-            jax.grad(lambda p: kl_of(logits_of(p), targets, p))(params)),
-    }
-    if kl_weight > 0 and ce_weight > 0:
-      for where in ('logits', 'params'):
-        norms[f'aug_grad_ratio_{where}'] = (kl_weight * norms[f'grad_kl_{where}']
-                                            / (ce_weight * norms[f'grad_ce_{where}']))
-    return norms
-
-  return jax.jit(probe)
-
-
-def make_loss_fn(
-    model: models.LanguageModel,
-    config: ml_collections.ConfigDict,
-    max_distinct_targets: Optional[int] = None,
-) -> Callable:
-  """loss_fn(params, inputs, targets, carry, masks) -> (loss, (carry, ce_sum, kl_sum)).
-
-  The loss SGD sees: `loss_weights` times CE and KL, each reduced by `config.loss.reduction`,
-  plus weight_decay * sum(w^2) / 2. With `config.loss.fused`, CE and KL come from
-  `losses.fused_ce_and_kl` (same values and gradients, a faster backward pass), whose target
-  distribution is built for at most `max_distinct_targets` distinct targets per window (None:
-  one per token); otherwise from the plain `cross_entropy` and `augmented_kl`.
-  """
-  loss_config, weight_decay = config.loss, config.optim.weight_decay
-  ce_weight, kl_weight = loss_weights(loss_config, model.vocab_size)
-  with_kl = kl_weight > 0
-
-  def token_losses(logits, targets, params):
-    embedding, kl_bias = models.embedding_matrix(params), kl_bias_of(loss_config, params)
-    if loss_config.fused:
-      return losses.fused_ce_and_kl(
-          logits, targets, embedding if with_kl else None, loss_config.temperature,
-          loss_config.stop_target_gradient, max_distinct_targets, kl_bias)
-    ce = losses.cross_entropy(logits, targets)
-    if not with_kl:
-      return ce, None
-    return ce, losses.augmented_kl(logits, targets, embedding, loss_config.temperature,
-                                   loss_config.stop_target_gradient, kl_bias)
-
-  def loss_fn(params, inputs, targets, carry, masks):
-    logits, carry = model.apply({'params': params}, inputs, carry, masks)
-    ce, kl = token_losses(logits, targets, params)
-    loss = losses.reduce_tokens(ce, None, loss_config.reduction)
-    if ce_weight != 1:
-      loss = ce_weight * loss
-    kl_sum = jnp.zeros((), jnp.float32)
-    if kl is not None:
-      loss = loss + kl_weight * losses.reduce_tokens(kl, None, loss_config.reduction)
-      kl_sum = jnp.sum(kl)
-    if weight_decay > 0:
-      loss = loss + weight_decay * losses.l2_penalty(params)
-    return loss, (carry, jnp.sum(ce), kl_sum)
-
-  return loss_fn
-
-
 def make_train_step(
     model: models.LanguageModel,
     tx: optax.GradientTransformation,
@@ -233,7 +125,7 @@ def make_train_step(
   the distinct targets of any window this step will see (`data.max_distinct_targets`), which
   makes the augmented loss cheaper; None: no bound.
   """
-  loss_fn = make_loss_fn(model, config, max_distinct_targets)
+  loss_fn = objective.make_loss_fn(model, config, max_distinct_targets)
 
   def train_step(state: TrainState, inputs: jax.Array, targets: jax.Array):
     masks = model.variational_masks(jax.random.fold_in(state.key, state.step), inputs.shape[0])
@@ -260,42 +152,6 @@ def make_train_step(
   batch = sharding.batch_sharding(mesh)
   return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, batch, batch),
                  out_shardings=(state_shardings, sharding.replicated(mesh)))
-
-
-def machine_description() -> str:
-  """What the run computes on, e.g. 'cpu: AMD EPYC 7B13 (2 cores)' or '8 x TPU v4'."""
-  devices = jax.devices()
-  if devices[0].platform != 'cpu':
-    return f'{len(devices)} x {devices[0].device_kind}'
-  model = 'unknown CPU'
-  if os.path.exists('/proc/cpuinfo'):
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-    model = names[0] if names else model
-  return f'cpu: {model} ({os.cpu_count()} cores)'
-
-
-def subspace_metrics(params: Any) -> dict[str, float]:
-  """{'subspace_distance': between the spaces of E and W} for an untied model (section 6.2),
-  {} for a tied one (W = E)."""
-  readout = models.readout_matrix(params)
-  if readout is None:
-    return {}
-  embedding = jax.device_get(models.embedding_matrix(params))
-  return {'subspace_distance': subspace.subspace_distance(embedding, jax.device_get(readout))}
-
-
-def target_sharpness(params: Any, temperature: float,
-                     corpus: data_lib.Corpus) -> dict[str, float]:
-  """How much the augmented loss's target y~ (at `temperature`) says with these parameters'
-  E: its mean entropy in nats (log V when uniform), the mean y~ of the word itself, and the
-  mean length of the word vectors, each word weighted by how often it is a train target."""
-  embedding = np.asarray(jax.device_get(models.embedding_matrix(params)), np.float32)
-  weights = np.bincount(corpus.splits['train'][1:], minlength=embedding.shape[0])
-  entropy, self_prob = losses.target_sharpness(embedding, temperature, weights)
-  norms = np.linalg.norm(embedding.astype(np.float64), axis=1)
-  return {'target_entropy': entropy, 'target_self_prob': self_prob,
-          'embedding_norm': float(norms @ weights / weights.sum())}
 
 
 def load_corpus(config: ml_collections.ConfigDict) -> data_lib.Corpus:
@@ -369,7 +225,7 @@ class _Run:
   train_step: Callable
   eval_step: Callable
   valid_windows: Any
-  probe: Callable  # make_gradient_probe's, on `probe_window`
+  probe: Callable  # diagnostics.make_gradient_probe's, on `probe_window`
   probe_window: Any  # (inputs, targets) [batch_size, bptt]: the first of the validation split
   put_window: Callable  # host window -> global arrays on the mesh
   initial_carry: Callable  # () -> the zero carry, on the mesh
@@ -411,7 +267,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, Train
       eval_step=evaluation.make_eval_step(model),
       valid_windows=data_lib.eval_windows(corpus.splits['valid'], config.eval_batch_size,
                                           config.bptt, config.eval_max_tokens),
-      probe=make_gradient_probe(model, config),
+      probe=diagnostics.make_gradient_probe(model, config),
       probe_window=sharding.placer(mesh, config.batch_size)(data_lib.train_window(
           data_lib.train_streams(corpus.splits['valid'], config.batch_size), 0, config.bptt)),
       put_window=lambda window: sharding.put_batch(window, batch, config.batch_size),
@@ -458,7 +314,7 @@ def _train_log(run: _Run, progress: Progress, resume_step: Optional[int]) -> Tra
   the log that writes the rest."""
   writer = MetricsWriter(run.workdir, resume_step=resume_step,
                          enabled=jax.process_index() == 0)
-  writer.write('start', resume_step or 0, machine=machine_description(),
+  writer.write('start', resume_step or 0, machine=host.machine_description(),
                processes=jax.process_count(), jax_version=jax.__version__)
   return TrainLog(writer, progress, workdir=run.workdir, steps_per_epoch=run.steps_per_epoch,
                   total_steps=run.total_steps, tokens_per_step=run.tokens_per_step,
@@ -474,7 +330,7 @@ def _end_epoch(run: _Run, state: TrainState, log: TrainLog, step: int) -> float:
                                   sharding.placer(run.mesh, run.config.eval_batch_size))
   number = -(-step // run.steps_per_epoch)  # the epoch `step` ends (or is in)
   log.epoch_line(step, valid_ppl, lr=epoch_learning_rate(run.config.optim, number),
-                 **subspace_metrics(state.params), **run.probe(state.params, *run.probe_window))
+                 **diagnostics.subspace_metrics(state.params), **run.probe(state.params, *run.probe_window))
   if valid_ppl < log.progress.best_valid_ppl:
     log.progress.best_valid_ppl = valid_ppl
     run.checkpointer.save_best(step, state.params, {
@@ -530,12 +386,12 @@ def _final_evaluation(run: _Run, state: TrainState, step: int,
   place = sharding.placer(run.mesh, run.config.test_batch_size)
   final = evaluation.split_perplexities(run.config, run.model, run.eval_step, params,
                                         run.corpus, place=place)
-  final.update(subspace_metrics(params))
+  final.update(diagnostics.subspace_metrics(params))
   # How hard the augmented loss pushes, and what its target says, with these parameters: in
   # the `test` line, not in the result a run prints.
-  diagnostics = {**run.probe(params, *run.probe_window),
-                 **target_sharpness(params, run.config.loss.temperature, run.corpus)}
-  writer.write('test', step, **final, **diagnostics)
+  pushes = {**run.probe(params, *run.probe_window),
+            **diagnostics.target_sharpness(params, run.config.loss.temperature, run.corpus)}
+  writer.write('test', step, **final, **pushes)
   logging.info('best parameters: valid ppl %.2f, test ppl %.2f (batch %d)',
                final['valid_ppl'], final['test_ppl'], run.config.test_batch_size)
   return {**final, 'step': step}

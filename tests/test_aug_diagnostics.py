@@ -10,10 +10,12 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import data
+from jaxlm import diagnostics
 from jaxlm import inference
 from jaxlm import losses
 from jaxlm import metrics
 from jaxlm import models
+from jaxlm import objective
 from jaxlm import train
 from tests.test_losses import np_augmented_kl, np_log_softmax
 
@@ -48,7 +50,7 @@ def test_kl_with_bias_switch_against_float64(tiny, with_bias, fused):
   tiny.loss.kl_with_bias, tiny.loss.fused = with_bias, fused
   model, params, inputs, targets = untied_case(tiny)
   carry = model.initial_carry(4)
-  _, (_, ce_sum, kl_sum) = train.make_loss_fn(model, tiny)(params, inputs, targets, carry, None)
+  _, (_, ce_sum, kl_sum) = objective.make_loss_fn(model, tiny)(params, inputs, targets, carry, None)
   logits = np.asarray(model.apply({'params': params}, inputs, carry)[0], np.float64)
   bias = np.asarray(params['readout']['bias'], np.float64)
   embedding = np.asarray(params['embed']['embedding'], np.float64)
@@ -80,7 +82,7 @@ def test_gradient_probe_against_hand_derived_logit_gradients(tiny):
   (softmax((z - b) / tau) - y~) / (tau batch); norms over every token; parameter gradients
   against autodiff of the plain losses; ratios alpha |KL| / |CE|."""
   model, params, inputs, targets = untied_case(tiny)
-  got = jax.device_get(train.make_gradient_probe(model, tiny)(params, inputs, targets))
+  got = jax.device_get(diagnostics.make_gradient_probe(model, tiny)(params, inputs, targets))
   logits = np.asarray(model.apply({'params': params}, inputs, model.initial_carry(4))[0],
                       np.float64)
   bias = np.asarray(params['readout']['bias'], np.float64)
@@ -109,7 +111,7 @@ def test_gradient_probe_against_hand_derived_logit_gradients(tiny):
   assert got['aug_grad_ratio_params'] == pytest.approx(alpha * kl_norm / ce_norm, rel=1e-4)
   # Without the augmented loss the norms are still measured (at loss.temperature), no ratio.
   tiny.loss.gamma = 0.0
-  plain = jax.device_get(train.make_gradient_probe(model, tiny)(params, inputs, targets))
+  plain = jax.device_get(diagnostics.make_gradient_probe(model, tiny)(params, inputs, targets))
   assert 'aug_grad_ratio_logits' not in plain
   assert plain['grad_kl_logits'] == pytest.approx(got['grad_kl_logits'], rel=1e-6)
 

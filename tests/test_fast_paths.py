@@ -17,7 +17,7 @@ from jaxlm import config as config_lib
 from jaxlm import data
 from jaxlm import losses
 from jaxlm import models
-from jaxlm import train
+from jaxlm import objective
 from jaxlm.models import lstm
 from tests.conftest import assert_trees_close
 
@@ -177,7 +177,7 @@ def test_train_loss_fast_paths_equal_autodiff(arg, stop, bias):
                            model.initial_carry(batch))
       masks = jax.tree.map(lambda m: m.astype(jnp.float64),
                            model.variational_masks(jax.random.PRNGKey(2), batch))
-      loss_fn = train.make_loss_fn(model, c, max_distinct_targets=batch * bptt)
+      loss_fn = objective.make_loss_fn(model, c, max_distinct_targets=batch * bptt)
       results.append(jax.value_and_grad(loss_fn, has_aux=True)(
           params, inputs, targets, carry, masks))
     assert_trees_close(results[0], results[1])

@@ -14,11 +14,13 @@ import pytest
 from jaxlm import checkpoint
 from jaxlm import config as config_lib
 from jaxlm import data
+from jaxlm import diagnostics
 from jaxlm import evaluation
 from jaxlm import inference
 from jaxlm import losses
 from jaxlm import metrics
 from jaxlm import models
+from jaxlm import objective
 from jaxlm import subspace
 from jaxlm import train
 from jaxlm import train_log
@@ -64,7 +66,7 @@ def test_loss_is_ce_plus_weighted_kl_plus_l2_summed_over_time(tiny):
   rng = np.random.default_rng(0)
   inputs, targets = (rng.integers(0, 50, (4, 6)).astype(np.int32) for _ in range(2))
   carry = model.initial_carry(4)
-  loss, (_, ce_sum, kl_sum) = train.make_loss_fn(model, tiny)(params, inputs, targets, carry,
+  loss, (_, ce_sum, kl_sum) = objective.make_loss_fn(model, tiny)(params, inputs, targets, carry,
                                                              None)
   logits, _ = model.apply({'params': params}, inputs, carry)
   ce = losses.cross_entropy(logits, targets)
@@ -75,7 +77,7 @@ def test_loss_is_ce_plus_weighted_kl_plus_l2_summed_over_time(tiny):
   assert float(ce_sum) == pytest.approx(float(np.sum(ce)), rel=1e-5)
   assert float(kl_sum) == pytest.approx(float(np.sum(kl)), rel=1e-5)
   tiny.loss.reduction = 'mean'
-  loss, _ = train.make_loss_fn(model, tiny)(params, inputs, targets, carry, None)
+  loss, _ = objective.make_loss_fn(model, tiny)(params, inputs, targets, carry, None)
   assert float(loss) == pytest.approx(
       float(np.mean(ce)) + 3.0 * float(np.mean(kl)) + 1e-3 * l2 / 2, rel=1e-5)
 
@@ -88,7 +90,7 @@ def test_train_step_is_clipped_sgd_on_the_loss(tiny):
   rng = np.random.default_rng(1)
   inputs, targets = (rng.integers(0, 50, (8, 10)).astype(np.int32) for _ in range(2))
   masks = model.variational_masks(jax.random.fold_in(state.key, 0), 8)
-  grads, _ = jax.grad(train.make_loss_fn(model, tiny), has_aux=True)(
+  grads, _ = jax.grad(objective.make_loss_fn(model, tiny), has_aux=True)(
       state.params, inputs, targets, state.carry, masks)
   norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64)))
                            for g in jax.tree.leaves(grads))))
@@ -202,15 +204,15 @@ def test_section_6_2_loss_weights_beta_tau_squared_v_kl_and_one_minus_beta_ce(ti
   rng = np.random.default_rng(0)
   inputs, targets = (rng.integers(0, vocab, (4, 6)).astype(np.int32) for _ in range(2))
   carry = model.initial_carry(4)
-  loss, _ = train.make_loss_fn(model, tiny)(params, inputs, targets, carry, None)
+  loss, _ = objective.make_loss_fn(model, tiny)(params, inputs, targets, carry, None)
   logits, _ = model.apply({'params': params}, inputs, carry)
   ce = float(np.sum(losses.cross_entropy(logits, targets))) / 4
   kl = float(np.sum(losses.augmented_kl(logits, targets, params['embed']['embedding'], 2.0))) / 4
   assert float(loss) == pytest.approx(0.75 * ce + 0.25 * 2.0**2 * vocab * kl, rel=1e-5)
-  assert train.loss_weights(tiny.loss, vocab) == (0.75, 0.25 * 4.0 * vocab)
+  assert objective.loss_weights(tiny.loss, vocab) == (0.75, 0.25 * 4.0 * vocab)
   tiny.loss.beta = None
   tiny.loss.gamma = 1.5
-  assert train.loss_weights(tiny.loss, vocab) == (1.0, 3.0)
+  assert objective.loss_weights(tiny.loss, vocab) == (1.0, 3.0)
 
 
 def test_unit_norm_embedding_holds_at_init_and_after_every_step(tiny):
@@ -243,7 +245,7 @@ def test_untied_runs_report_the_subspace_distance_of_e_and_w(tiny, tmp_path):
   assert all('subspace_distance' in l for l in lines if l['kind'] in ('epoch', 'test'))
   assert lines[0]['kind'] == 'start' and lines[0]['machine']
   # A tied model has W = E: nothing to report.
-  assert train.subspace_metrics(models.init_params(
+  assert diagnostics.subspace_metrics(models.init_params(
       models.build_model(config_lib.tiny_config(), 50), jax.random.PRNGKey(0), 1, 1)) == {}
 
 
