@@ -104,8 +104,10 @@ def main(argv: list[str]) -> None:
   lr = min((float(x) for x in _LRS.value), key=lambda lr: try_dynamic(lr, default_decay))
   decay = min([default_decay] + [float(x) for x in _DECAYS.value], key=lambda d: try_dynamic(lr, d))
   report['dynamic'] = {'lr': lr, 'decay': decay}
-  report['dynamic_grid_valid'] = [{'lr': k[0], 'decay': k[1], 'ppl': v[0], 'seconds': v[3]}
-                                  for k, v in runs.items()]
+  # A diverged point (its perplexity overflows) is written as null: JSON has no infinity.
+  report['dynamic_grid_valid'] = [
+      {'lr': k[0], 'decay': k[1], 'ppl': v[0] if np.isfinite(v[0]) else None, 'seconds': v[3]}
+      for k, v in runs.items()]
   _, dyn_log_p, dyn_hidden, _ = runs[(lr, decay)]
   report['both_cache'], report['both_cache_grid_valid'] = cache_grid(dyn_log_p, dyn_hidden,
                                                                      targets)
