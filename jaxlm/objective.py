@@ -1,6 +1,6 @@
 """The training objective a config asks for: the weights of CE and of the augmented loss's KL,
 the bias the KL leaves out, and `make_loss_fn`, the loss the train step differentiates
-(docs/paper.md, "The loss").
+(docs/paper.md, "The augmented loss (AL)").
 """
 
 from typing import Any, Callable, Optional
