@@ -129,7 +129,7 @@ class EvalResult:
 def machine_line() -> str:
   """CPU model, cores, jax version and backend."""
   cpu = host.cpu_model()
-  usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  usable = len(machine_peak.usable_cpus())
   device = jax.devices()[0]
   return (f'{cpu}, {usable} of {os.cpu_count()} cores usable; jax {jax.__version__}, backend'
           f' {jax.default_backend()} ({device.device_kind}), {jax.device_count()} device(s)')
