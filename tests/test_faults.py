@@ -460,11 +460,12 @@ save_latest = checkpoint.Checkpointer.save_latest
 
 def save_latest_(self, step, state, meta):
   if faults.get('fill_disk_at_save', [None])[0] == step:
-    with open(faults['fill_disk_at_save'][1], 'wb') as f:
+    # Unbuffered: a buffered file would flush its partly written rest again on close and
+    # raise ENOSPC here, in the harness, instead of in the save.
+    with open(faults['fill_disk_at_save'][1], 'wb', buffering=0) as f:
       try:
         while True:
           f.write(bytes(65536))
-          f.flush()
       except OSError:
         pass
   return save_latest(self, step, state, meta)
