@@ -7,7 +7,10 @@ depth) and writes to --out:
 - `report.md`: first one row per recipe, the runs that differ only in seed (or in how they
   are computed: `paper.NOT_RECIPE_KEYS`) pooled: the mean of their final validation/test
   perplexities, the spread (lowest to highest) and the number of finished seeds, against the
-  paper's row; then one row per run: the paper's row it trains (`paper.match_row`) or, for a
+  paper's row; then the paper's comparisons (RE against the baseline, REAL against RE, ...)
+  seed for seed, between recipes of one size that change the same keys of their rows
+  (`COMPARISONS`): the difference per shared finished seed, its mean, and the paper's; then
+  one row per run: the paper's row it trains (`paper.match_row`) or, for a
   run that changes a few of a row's recipe keys (an ablation), that row and the changed keys
   (`paper.nearest_row`); the paper's validation/test perplexity, ours (the best parameters
   at batch 1 for a finished run; the latest validation for an unfinished one), the
@@ -289,6 +292,64 @@ def recipe_table(runs: list[Run]) -> str:
   return '\n'.join(lines)
 
 
+# The paper's comparisons of one size: (variant, against), the LSTM rows' 'SIZE,VARIANT'.
+COMPARISONS = (('re', 'baseline'), ('al', 'baseline'), ('real', 're'), ('real', 'baseline'))
+
+PAIRED_HEADER = ['comparison', 'paired seeds', 'difference per seed val / test',
+                 'mean difference val / test', 'paper val / test']
+
+
+def _points(value: float) -> str:
+  return f'{value:+.2f}'
+
+
+def paired_row(variant: list[Run], against: list[Run]) -> Optional[list[str]]:
+  """One comparison seed for seed: variant minus against, in perplexity points, over the seeds
+  that both recipes finished; None when they share no finished seed."""
+  finals = lambda runs: {run.config.seed: run.final for run in runs if run.final is not None}
+  ours, theirs = finals(variant), finals(against)
+  seeds = sorted(set(ours) & set(theirs))
+  if not seeds:
+    return None
+  diffs = {key: [ours[s][key] - theirs[s][key] for s in seeds] for key in ('valid_ppl', 'test_ppl')}
+  per_seed = ', '.join(f'{_points(diffs["valid_ppl"][i])} / {_points(diffs["test_ppl"][i])}'
+                       for i in range(len(seeds)))
+  mean = {key: sum(values) / len(values) for key, values in diffs.items()}
+  rows = variant[0].compared_row, against[0].compared_row
+  changes = variant[0].changes
+  return [
+      f'{rows[0].arg} − {rows[1].arg.split(",")[-1]}' + (f' ({changes})' if changes else ''),
+      ', '.join(str(s) for s in seeds), per_seed,
+      f'{_points(mean["valid_ppl"])} / {_points(mean["test_ppl"])}',
+      f'{_points(rows[0].valid_ppl - rows[1].valid_ppl)} /'
+      f' {_points(rows[0].test_ppl - rows[1].test_ppl)}',
+  ]
+
+
+def paired_table(runs: list[Run]) -> Optional[str]:
+  """The paper's comparisons (`COMPARISONS`) between recipes of one corpus and size that
+  change the same keys of their rows (e.g. both with an output bias), seed for seed."""
+  recipes = {}
+  for members in by_recipe(runs):
+    first = members[0]
+    row = first.compared_row
+    if row is None or row.core != 'lstm' or (first.row is None and not first.changes):
+      continue
+    size, name = row.arg.split(',')
+    recipes[row.corpus, size, name, first.changes] = members
+  rows = []
+  for (corpus, size, name, changes), members in recipes.items():
+    for variant, against in COMPARISONS:
+      if name == variant and (corpus, size, against, changes) in recipes:
+        row = paired_row(members, recipes[corpus, size, against, changes])
+        if row is not None:
+          rows.append([f'{corpus} {row[0]}', *row[1:]])
+  if not rows:
+    return None
+  lines = ['| ' + ' | '.join(PAIRED_HEADER) + ' |', '|' + '---|' * len(PAIRED_HEADER)]
+  return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
+
+
 def _pyplot():
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
@@ -432,7 +493,15 @@ def write_report(runs_dir: str, out_dir: str) -> str:
           ' the highest. Unfinished runs (their latest validation at the eval batch size) are'
           ' not in the mean. Last epoch\'s validation: of every run that trained all its epochs'
           ' (its last parameters, at the eval batch size), finished or not.', '',
-          '## Every run', '', markdown_table(runs), '',
+          ]
+  paired = paired_table(runs)
+  if paired is not None:
+    text += ['## The paper\'s comparisons, seed for seed', '', paired, '',
+             'Differences in perplexity points (the first recipe minus the second; negative:'
+             ' the first is better) between the finished runs of two recipes that share a seed'
+             ' and change the same keys of their paper rows; the paper\'s difference between'
+             ' its two rows beside them.', '']
+  text += ['## Every run', '', markdown_table(runs), '',
           'Ours: the best parameters (by validation) at batch 1, every token once; for an'
           ' unfinished run, its latest validation. Train time sums the train steps only.', '']
   text += [f'![{name}]({name})' for name in plots]

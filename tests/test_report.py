@@ -277,3 +277,35 @@ def test_report_tabulates_test_time_adaptation_against_plain_evaluation(tmp_path
   (runs / report.ADAPTATION_DIR / 'broken.json').write_text('{"run": "x"}')
   with pytest.raises(errors.UserError, match='broken.json is not a result of'):
     report.write_report(str(runs), str(tmp_path / 'c'))
+
+
+def test_paired_table_compares_recipes_seed_for_seed(tmp_path):
+  epoch = {'kind': 'epoch', 'step': 10, 'epoch': 1, 'complete': True, 'lr': 1.0,
+           'train_ppl': 100.0, 'valid_ppl': 110.0, 'tokens_per_sec': 700.0}
+
+  def run(name, arg, seed, final=None, bias=False):
+    config = config_lib.lstm_config('ptb', arg)
+    config.seed = seed
+    config.model.output_bias = bias
+    lines = [epoch] + ([{'kind': 'test', 'step': 10, 'valid_ppl': final[0],
+                         'test_ppl': final[1]}] if final else [])
+    write_workdir(tmp_path / name, config, lines)
+
+  run('re_s0', 'small,re', 0, (91.0, 87.0))
+  run('re_s1', 'small,re', 1, (92.0, 88.0))
+  run('re_s2', 'small,re', 2, (90.0, 86.0))
+  run('real_s0', 'small,real', 0, (90.5, 86.25))
+  run('real_s1', 'small,real', 1, (90.0, 87.0))
+  run('real_s2', 'small,real', 2)  # unfinished: seed 2 is not paired
+  run('real_bias_s0', 'small,real', 0, (80.0, 80.0), bias=True)  # no RE + bias to pair with
+  runs = report.find_runs(str(tmp_path))
+  table = report.paired_table(runs)
+  rows = [dict(zip(report.PAIRED_HEADER, [c.strip() for c in line.strip('|').split('|')]))
+          for line in table.splitlines()[2:]]
+  assert rows == [{
+      'comparison': 'ptb small,real − re', 'paired seeds': '0, 1',
+      'difference per seed val / test': '-0.50 / -0.75, -2.00 / -1.00',
+      'mean difference val / test': '-1.25 / -0.88',  # (-0.5 - 2) / 2, (-0.75 - 1) / 2
+      'paper val / test': '-3.60 / -2.40',  # 86.3 - 89.9, 82.7 - 85.1
+  }]
+  assert report.paired_table([r for r in runs if r.name.startswith('real')]) is None
