@@ -8,7 +8,8 @@ Each rate is 2 n^3 FLOP over the best of `--repeats` timed calls after `--warmup
 in GFLOP/s: (a) XLA, `jax.jit(jnp.matmul)` on the default device with `block_until_ready`;
 (b) NumPy's BLAS (`a @ b`), float32 only, as NumPy has no bfloat16; (c) torch, when a Python
 with torch is given (`--peer_python` or $JAXLM_PEER_PYTHON), run as a subprocess with a small
-inline script that prints its seconds as JSON (torch is never imported here). The best float32
+inline script that prints its seconds as JSON (torch is never imported here), on the CPU or
+on `$JAXLM_PEER_DEVICE` (e.g. `cuda`, synchronised before the clock is read). The best float32
 rate of these is the peak that `train_step.py` reports each config's share of.
 
 Before measuring it checks whether the machine looks idle: the 1-minute load average per CPU
@@ -44,21 +45,26 @@ IDLE_BUSY_SHARE = 0.2
 DRIFT_TOLERANCE = 0.10
 
 # The torch side: argv = n repeats warmup dtypes; prints one JSON line of best seconds per dtype.
+# On $JAXLM_PEER_DEVICE (default cpu; e.g. cuda on a GPU machine, as the peer there).
 PEER_SCRIPT = r'''
-import json, sys, time
+import json, os, sys, time
 import torch
 n, repeats, warmup = (int(x) for x in sys.argv[1:4])
 dtypes = sys.argv[4].split(",")
-out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+device = os.environ.get("JAXLM_PEER_DEVICE") or "cpu"
+sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
 torch.manual_seed(0)
 for name in dtypes:
-  a, b = torch.randn(2, n, n).to(getattr(torch, name)).unbind(0)
+  a, b = torch.randn(2, n, n).to(device=device, dtype=getattr(torch, name)).unbind(0)
   for _ in range(warmup):
     a @ b
+  sync()
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
     a @ b
+    sync()
     best = min(best, time.perf_counter() - start)
   out[name] = best
 print(json.dumps(out))
@@ -324,7 +330,9 @@ def measure(size: int = 2048, repeats: int = 5, warmup: int = 1,
     else:
       for dtype in dtypes:
         rates['torch'][dtype] = gflops(size, out[dtype])
-      versions['torch'] = f'torch {out.get("torch", "?")}, {out.get("threads", "?")} thread(s)'
+      versions['torch'] = (f'torch {out.get("torch", "?")}, {out.get("threads", "?")} thread(s)'
+                           if out.get('device', 'cpu') == 'cpu' else
+                           f'torch {out.get("torch", "?")} on {out["device"]}')
   for dtype in dtypes:
     rates['xla'][dtype] = gflops(size, xla_seconds(size, dtype, repeats, warmup, timer))
   if 'float32' in dtypes:
