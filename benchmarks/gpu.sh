@@ -32,7 +32,7 @@ export JAXLM_PEER_DEVICE=${JAXLM_PEER_DEVICE:-cuda}
 cat "$OUT/machine.txt"
 status=0
 for dtype in float32 bfloat16; do
-  JAXLM_PEER_DTYPE=$dtype timeout 280 "$PYTHON" benchmarks/train_step.py \
+  JAXLM_PEER_DTYPE=$dtype timeout 260 "$PYTHON" benchmarks/train_step.py \
     --only=small,medium,rhn --noeval --round_seconds=1.5 --matmul_size=8192 \
     --peer --peer_python="$PEER_PYTHON" --peer_script=benchmarks/peer_torch_device.py \
     --config.model.compute_dtype=$dtype "$@" 2>&1 | tee "$OUT/train_step_$dtype.txt" || status=1
