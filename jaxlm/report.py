@@ -7,9 +7,10 @@ depth) and writes to --out:
 - `report.md`: first one row per recipe, the runs that differ only in seed (or in how they
   are computed: `paper.NOT_RECIPE_KEYS`) pooled: the mean of their final validation/test
   perplexities, the spread (lowest to highest) and the number of finished seeds, against the
-  paper's row; then the paper's comparisons (RE against the baseline, REAL against RE, ...)
-  seed for seed, between recipes of one size that change the same keys of their rows
-  (`COMPARISONS`): the difference per shared finished seed, its mean, and the paper's; then
+  paper's row (a run cut short by `max_steps` or fewer epochs is listed, not pooled); then the
+  paper's comparisons (RE against the baseline, REAL against RE, ...) seed for seed, between
+  recipes of one size that change the same keys of their rows (`COMPARISONS`): the difference
+  per shared finished seed, its mean, and the paper's; then
   one row per run: the paper's row it trains (`paper.match_row`) or, for a
   run that changes a few of a row's recipe keys (an ablation), that row and the changed keys
   (`paper.nearest_row`); the paper's validation/test perplexity, ours (the best parameters
@@ -96,6 +97,19 @@ class Run:
     return tests[-1] if tests else None
 
   @property
+  def full_length(self) -> bool:
+    """Whether the run plans its recipe's whole training: its row's number of epochs and no
+    `max_steps` cap (a shortened check of a recipe is not one of its results)."""
+    row = self.compared_row
+    return self.config.get('max_steps') is None and (
+        row is None or self.config.num_epochs == row.config().num_epochs)
+
+  @property
+  def complete(self) -> bool:
+    """Whether the run trained its whole recipe and was evaluated at the end."""
+    return self.final is not None and self.full_length
+
+  @property
   def epochs_done(self) -> int:
     return sum(1 for line in self.epochs if line.get('complete', True))
 
@@ -154,6 +168,13 @@ class Run:
     """What a variant changes in its row, 'key=value, ...'; '' for a run that varies none."""
     flat = config_lib.flat_dict(self.config)
     return ', '.join(f'{k}={flat.get(k)}' for k in (self.variant_of or (None, []))[1])
+
+  def changes_against(self, tied: bool) -> tuple[str, ...]:
+    """`changes` as they matter beside a row that is `tied` or not: an untied read-out always
+    has a bias, so `model.output_bias=True` changes nothing there and is left out."""
+    flat = config_lib.flat_dict(self.config)
+    keys = (self.variant_of or (None, []))[1]
+    return tuple(f'{k}={flat.get(k)}' for k in keys if tied or k != 'model.output_bias')
 
   @property
   def label(self) -> str:
@@ -263,15 +284,17 @@ def recipe_row(members: list[Run]) -> list[str]:
   """The cells of one recipe: the mean and range of its finished runs' final perplexities."""
   first = members[0]
   row = first.compared_row
-  finished = [run for run in members if run.final is not None]
+  finished = [run for run in members if run.complete]
   valid = [run.final['valid_ppl'] for run in finished]
   test = [run.final['test_ppl'] for run in finished]
   mean = lambda values: sum(values) / len(values) if values else None
-  unfinished = [f'`{run.name}` (epoch {run.epochs[-1]["epoch"]}: {run.epochs[-1]["valid_ppl"]:.1f})'
-                for run in members if run.final is None and run.epochs]
+  unfinished = [f'`{run.name}` (epoch {run.epochs[-1]["epoch"]}: {run.epochs[-1]["valid_ppl"]:.1f}'
+                + (', cut short' if not run.full_length else '') + ')'
+                for run in members if not run.complete and run.epochs]
   # Every run that trained all its epochs, evaluated at the end or not: the last epoch's
   # validation (at the eval batch size, the last parameters), a wider base for the spread.
-  trained = [run for run in members if run.epochs and run.epochs_done == run.config.num_epochs]
+  trained = [run for run in members
+             if run.full_length and run.epochs and run.epochs_done == run.config.num_epochs]
   last = [run.epochs[-1]['valid_ppl'] for run in trained]
   last_cell = '—' if not last else (
       f'{mean(last):.1f} ({_spread(last)}; seed {", ".join(str(r.config.seed) for r in trained)})')
@@ -303,11 +326,21 @@ def _points(value: float) -> str:
   return f'{value:+.2f}'
 
 
+def _finals_by_seed(runs: list[Run]) -> tuple[dict[int, dict[str, Any]], list[int]]:
+  """The final line of each seed's complete run (`Run.complete`), and the seeds left out
+  because more than one complete run of the recipe has them (e.g. one also in bfloat16)."""
+  by_seed = collections.defaultdict(list)
+  for run in runs:
+    if run.complete:
+      by_seed[run.config.seed].append(run.final)
+  finals = {seed: lines[0] for seed, lines in by_seed.items() if len(lines) == 1}
+  return finals, sorted(seed for seed, lines in by_seed.items() if len(lines) > 1)
+
+
 def paired_row(variant: list[Run], against: list[Run]) -> Optional[list[str]]:
   """One comparison seed for seed: variant minus against, in perplexity points, over the seeds
-  that both recipes finished; None when they share no finished seed."""
-  finals = lambda runs: {run.config.seed: run.final for run in runs if run.final is not None}
-  ours, theirs = finals(variant), finals(against)
+  that both recipes completed once; None when they share no such seed."""
+  (ours, ours_twice), (theirs, theirs_twice) = _finals_by_seed(variant), _finals_by_seed(against)
   seeds = sorted(set(ours) & set(theirs))
   if not seeds:
     return None
@@ -316,10 +349,13 @@ def paired_row(variant: list[Run], against: list[Run]) -> Optional[list[str]]:
                        for i in range(len(seeds)))
   mean = {key: sum(values) / len(values) for key, values in diffs.items()}
   rows = variant[0].compared_row, against[0].compared_row
-  changes = variant[0].changes
+  changes = ', '.join(variant[0].changes_against(tied=True))
+  twice = sorted(set(ours_twice) | set(theirs_twice))
+  left_out = (f' (left out: seed {", ".join(map(str, twice))}, completed by more than one run'
+              ' of a recipe)') if twice else ''
   return [
       f'{rows[0].arg} − {rows[1].arg.split(",")[-1]}' + (f' ({changes})' if changes else ''),
-      ', '.join(str(s) for s in seeds), per_seed,
+      ', '.join(str(s) for s in seeds) + left_out, per_seed,
       f'{_points(mean["valid_ppl"])} / {_points(mean["test_ppl"])}',
       f'{_points(rows[0].valid_ppl - rows[1].valid_ppl)} /'
       f' {_points(rows[0].test_ppl - rows[1].test_ppl)}',
@@ -327,21 +363,28 @@ def paired_row(variant: list[Run], against: list[Run]) -> Optional[list[str]]:
 
 
 def paired_table(runs: list[Run]) -> Optional[str]:
-  """The paper's comparisons (`COMPARISONS`) between recipes of one corpus and size that
-  change the same keys of their rows (e.g. both with an output bias), seed for seed."""
-  recipes = {}
+  """The paper's comparisons (`COMPARISONS`) between LSTM recipes of one corpus and size that
+  change the same keys of their rows (e.g. both with an output bias; an untied row, which has
+  a bias anyway, pairs with a tied one with or without it), seed for seed."""
+  recipes: dict[tuple, list[Run]] = {}
   for members in by_recipe(runs):
     first = members[0]
     row = first.compared_row
     if row is None or row.core != 'lstm' or (first.row is None and not first.changes):
       continue
     size, name = row.arg.split(',')
-    recipes[row.corpus, size, name, first.changes] = members
+    tied = bool(row.config().model.tied)
+    # Two recipes can land on one key (an untied row with and without an explicit bias).
+    recipes.setdefault((row.corpus, size, name, first.changes_against(tied)), []).extend(members)
   rows = []
   for (corpus, size, name, changes), members in recipes.items():
     for variant, against in COMPARISONS:
-      if name == variant and (corpus, size, against, changes) in recipes:
-        row = paired_row(members, recipes[corpus, size, against, changes])
+      against_row = paper.find_row(corpus, 'lstm', f'{size},{against}')
+      if name != variant or against_row is None:
+        continue
+      key = (corpus, size, against, members[0].changes_against(bool(against_row.config().model.tied)))
+      if key in recipes:
+        row = paired_row(members, recipes[key])
         if row is not None:
           rows.append([f'{corpus} {row[0]}', *row[1:]])
   if not rows:

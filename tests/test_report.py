@@ -100,36 +100,42 @@ def recipe_cells(report_text, recipe):
 
 @pytest.mark.slow
 def test_runs_that_differ_only_in_seed_are_one_recipe_row(runs, tmp_path):
-  # Two more seeds of PTB small RE: one finished, one trained but not evaluated at the end.
+  # Three seeds of PTB small RE trained all 39 epochs (validation 120 - epoch + seed): two
+  # evaluated at the end, one not; a fourth cut short by max_steps, evaluated at its end.
   saved = json.loads((runs / 'ptb_small_re' / 'config.json').read_text())
-  lines = [json.loads(l) for l in (runs / 'ptb_small_re' / 'metrics.jsonl').read_text().splitlines()]
+  epochs = [{'kind': 'epoch', 'step': 1327 * e, 'epoch': e, 'complete': True, 'lr': 1.0,
+             'train_ppl': 100.0, 'valid_ppl': 120.0 - e, 'tokens_per_sec': 700.0}
+            for e in range(1, 40)]
   seeds = tmp_path / 'runs'
-  for seed, valid, test, evaluated in ((1, 96.405, 82.845, True), (2, 0.0, 0.0, False)):
+  for seed, valid, test, evaluated in ((0, 94.395, 80.845, True), (1, 96.405, 82.845, True),
+                                       (2, 0.0, 0.0, False)):
     config = config_lib.from_saved(dict(saved, seed=seed))
     config.data.dir = f'/elsewhere/{seed}'  # how a run is computed: still the same recipe
-    config.num_epochs = 2
-    epochs = [dict(l, valid_ppl=l['valid_ppl'] + seed) for l in lines if l['kind'] == 'epoch']
-    final = [dict(lines[-1], valid_ppl=valid, test_ppl=test)] if evaluated else []
-    write_workdir(seeds / f're_s{seed}', config, epochs + final)
-  original = config_lib.from_saved(saved)
-  original.num_epochs = 2
-  write_workdir(seeds / 're_s0', original, lines)
+    final = [{'kind': 'test', 'step': 1327 * 39, 'valid_ppl': valid,
+              'test_ppl': test}] if evaluated else []
+    write_workdir(seeds / f're_s{seed}', config,
+                  [dict(l, valid_ppl=l['valid_ppl'] + seed) for l in epochs] + final)
+  short = config_lib.from_saved(dict(saved, seed=3))
+  short.max_steps = 1327
+  write_workdir(seeds / 're_s3_short', short,
+                epochs[:1] + [{'kind': 'test', 'step': 1327, 'valid_ppl': 150.0, 'test_ppl': 140.0}])
   text = open(report.write_report(str(seeds), str(tmp_path / 'out')), encoding='utf-8').read()
   got = recipe_cells(text, 'small,re')
-  assert got['runs'] == '`re_s0`, `re_s1`, `re_s2`'
+  assert got['runs'] == '`re_s0`, `re_s1`, `re_s2`, `re_s3_short`'
   assert got['ours val / test (mean)'] == '95.4 / 81.8'  # (94.395 + 96.405) / 2, (80.845 + 82.845) / 2
   assert got['spread val / test'] == '94.4–96.4 / 80.8–82.8'
   assert got['finished seeds'] == '0, 1'
-  # Every seed that trained all its epochs: the last epoch's validation 118, 119 and 120.
-  assert got["last epoch's validation: mean (spread; seeds)"] == '119.0 (118.0–120.0; seed 0, 1, 2)'
-  assert got['unfinished'] == '`re_s2` (epoch 2: 120.0)'
+  # Every seed that trained all its epochs: the last epoch's validation 81, 82 and 83.
+  assert got["last epoch's validation: mean (spread; seeds)"] == '82.0 (81.0–83.0; seed 0, 1, 2)'
+  assert got['unfinished'] == '`re_s2` (epoch 39: 83.0), `re_s3_short` (epoch 1: 119.0, cut short)'
+  lines = epochs + [{'kind': 'test', 'step': 1327 * 39, 'valid_ppl': 94.0, 'test_ppl': 80.0}]
   # A changed recipe key is another row.
   variant = config_lib.from_saved(saved)
   variant.model.output_bias = True
   write_workdir(seeds / 're_bias', variant, lines)
   text = open(report.write_report(str(seeds), str(tmp_path / 'out')), encoding='utf-8').read()
   assert recipe_cells(text, 'small,re, model.output_bias=True')['runs'] == '`re_bias`'
-  assert recipe_cells(text, 'small,re')['runs'] == '`re_s0`, `re_s1`, `re_s2`'
+  assert recipe_cells(text, 'small,re')['runs'] == '`re_s0`, `re_s1`, `re_s2`, `re_s3_short`'
 
 
 @pytest.mark.slow
@@ -279,14 +285,20 @@ def test_report_tabulates_test_time_adaptation_against_plain_evaluation(tmp_path
     report.write_report(str(runs), str(tmp_path / 'c'))
 
 
+def paired_rows(runs):
+  table = report.paired_table(runs)
+  return [dict(zip(report.PAIRED_HEADER, [c.strip() for c in line.strip('|').split('|')]))
+          for line in table.splitlines()[2:]]
+
+
 def test_paired_table_compares_recipes_seed_for_seed(tmp_path):
   epoch = {'kind': 'epoch', 'step': 10, 'epoch': 1, 'complete': True, 'lr': 1.0,
            'train_ppl': 100.0, 'valid_ppl': 110.0, 'tokens_per_sec': 700.0}
 
-  def run(name, arg, seed, final=None, bias=False):
-    config = config_lib.lstm_config('ptb', arg)
+  def run(name, arg, seed, final=None, corpus='ptb', changes=None):
+    config = config_lib.lstm_config(corpus, arg)
     config.seed = seed
-    config.model.output_bias = bias
+    config.update_from_flattened_dict(changes or {})
     lines = [epoch] + ([{'kind': 'test', 'step': 10, 'valid_ppl': final[0],
                          'test_ppl': final[1]}] if final else [])
     write_workdir(tmp_path / name, config, lines)
@@ -297,15 +309,63 @@ def test_paired_table_compares_recipes_seed_for_seed(tmp_path):
   run('real_s0', 'small,real', 0, (90.5, 86.25))
   run('real_s1', 'small,real', 1, (90.0, 87.0))
   run('real_s2', 'small,real', 2)  # unfinished: seed 2 is not paired
-  run('real_bias_s0', 'small,real', 0, (80.0, 80.0), bias=True)  # no RE + bias to pair with
+  run('real_s1_short', 'small,real', 1, (70.0, 70.0), changes={'max_steps': 10})  # cut short: not a result
+  run('real_bias_s0', 'small,real', 0, (80.0, 80.0),
+      changes={'model.output_bias': True})  # no RE + bias
+  run('wt2_re_s0', 'small,re', 0, (50.0, 50.0), corpus='wikitext2')  # another corpus
   runs = report.find_runs(str(tmp_path))
-  table = report.paired_table(runs)
-  rows = [dict(zip(report.PAIRED_HEADER, [c.strip() for c in line.strip('|').split('|')]))
-          for line in table.splitlines()[2:]]
-  assert rows == [{
+  assert paired_rows(runs) == [{
       'comparison': 'ptb small,real − re', 'paired seeds': '0, 1',
       'difference per seed val / test': '-0.50 / -0.75, -2.00 / -1.00',
       'mean difference val / test': '-1.25 / -0.88',  # (-0.5 - 2) / 2, (-0.75 - 1) / 2
       'paper val / test': '-3.60 / -2.40',  # 86.3 - 89.9, 82.7 - 85.1
   }]
   assert report.paired_table([r for r in runs if r.name.startswith('real')]) is None
+
+
+def test_paired_table_pairs_variants_with_their_like_and_the_untied_baseline(tmp_path):
+  epoch = {'kind': 'epoch', 'step': 10, 'epoch': 1, 'complete': True, 'lr': 1.0,
+           'train_ppl': 100.0, 'valid_ppl': 110.0, 'tokens_per_sec': 700.0}
+
+  def run(name, arg, seed, final, bias=False, dtype='float32'):
+    config = config_lib.lstm_config('ptb', arg)
+    config.seed = seed
+    config.model.output_bias = bias
+    config.model.compute_dtype = dtype
+    write_workdir(tmp_path / name, config, [epoch, {'kind': 'test', 'step': 10,
+                                                    'valid_ppl': final[0], 'test_ppl': final[1]}])
+
+  run('baseline_s0', 'small,baseline', 0, (93.0, 88.0))
+  run('baseline_bias_s1', 'small,baseline', 1, (94.0, 89.0), bias=True)  # has a bias anyway
+  run('re_bias_s0', 'small,re', 0, (91.0, 87.0), bias=True)
+  run('re_bias_s1', 'small,re', 1, (92.0, 88.0), bias=True)
+  run('real_bias_s0', 'small,real', 0, (90.0, 86.0), bias=True)
+  run('real_bias_s1', 'small,real', 1, (91.5, 86.5), bias=True)
+  run('real_bias_s1_bf16', 'small,real', 1, (91.0, 86.0), bias=True, dtype='bfloat16')
+  rows = {row['comparison']: row for row in paired_rows(report.find_runs(str(tmp_path)))}
+  assert set(rows) == {'ptb small,re − baseline (model.output_bias=True)',
+                       'ptb small,real − re (model.output_bias=True)',
+                       'ptb small,real − baseline (model.output_bias=True)'}
+  re = rows['ptb small,re − baseline (model.output_bias=True)']
+  assert re['paired seeds'] == '0, 1'
+  assert re['difference per seed val / test'] == '-2.00 / -1.00, -2.00 / -1.00'
+  assert re['paper val / test'] == '-2.70 / -2.20'  # 89.9 - 92.6, 85.1 - 87.3
+  # Seed 1 of REAL + bias ran twice (float32 and bfloat16): which one counts is not guessed.
+  real = rows['ptb small,real − re (model.output_bias=True)']
+  assert real['paired seeds'] == ('0 (left out: seed 1, completed by more than one run of a'
+                                  ' recipe)')
+  assert real['difference per seed val / test'] == '-1.00 / -1.00'
+  assert rows['ptb small,real − baseline (model.output_bias=True)'][
+      'mean difference val / test'] == '-3.00 / -2.00'
+
+
+def test_report_shows_the_paired_comparisons(tmp_path):
+  epoch = {'kind': 'epoch', 'step': 10, 'epoch': 1, 'complete': True, 'lr': 1.0,
+           'train_ppl': 100.0, 'valid_ppl': 110.0, 'tokens_per_sec': 700.0}
+  for name, arg, final in (('re', 'small,re', (91.0, 87.0)), ('real', 'small,real', (90.0, 86.0))):
+    write_workdir(tmp_path / 'runs' / name, config_lib.lstm_config('ptb', arg),
+                  [epoch, {'kind': 'test', 'step': 10, 'valid_ppl': final[0], 'test_ppl': final[1]}])
+  text = open(report.write_report(str(tmp_path / 'runs'), str(tmp_path / 'out')),
+              encoding='utf-8').read()
+  line = next(l for l in text.splitlines() if l.startswith('| ptb small,real − re |'))
+  assert '-1.00 / -1.00' in line
