@@ -6,6 +6,7 @@
 # here, where PyPI is reachable; the GPU machine reaches nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+rm -rf .whl  # only this run's wheels: pip install .whl/*.whl takes every file there
 mkdir -p .whl
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \

@@ -53,6 +53,8 @@ n, repeats, warmup = (int(x) for x in sys.argv[1:4])
 dtypes = sys.argv[4].split(",")
 device = os.environ.get("JAXLM_PEER_DEVICE") or "cpu"
 sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+if device.startswith("cuda"):
+  torch.set_float32_matmul_precision("high")  # TF32, as jax's default precision on a GPU
 out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
 torch.manual_seed(0)
 for name in dtypes:
