@@ -123,7 +123,10 @@ def fused_ce_and_kl(
 ) -> tuple[jax.Array, Optional[jax.Array]]:
   """`cross_entropy` and (with an `embedding`) `augmented_kl` per token, with a fused gradient.
 
-  Same values and gradients as the plain functions. The backward pass is analytic: with
+  Same values and gradients as the plain functions (equal to rounding in float64; in float32
+  the gradients agree to about 3e-7 relative, and each token's KL to about 1e-5 absolute, as
+  it is a difference of sums of size log V: on PTB small shapes, KL about 0.008 per token, the
+  mean 2e-6 from a float64 reference). The backward pass is analytic: with
   per-token cotangents g_ce, g_kl, d logits = g_ce (softmax(z) - onehot(y))
   + (g_kl / tau) (softmax(z / tau) - y~), one pass over [tokens, V]. y~ depends on the target
   only, so it is computed for the distinct targets of the batch ([K, V], K <= `max_distinct`)
@@ -151,8 +154,6 @@ def fused_ce_and_kl(
   if embedding is None:
     return _fused_ce(z, y).reshape(shape), None
   size = min(y.shape[0], embedding.shape[0]) if max_distinct is None else max_distinct
-  if kl_bias is None:
-    kl_bias = jnp.zeros(z.shape[-1], _f32(z).dtype)
   ce, kl = _fused_ce_kl(z, y, embedding, kl_bias, float(temperature),
                         bool(stop_target_gradient), size)
   return ce.reshape(shape), kl.reshape(shape)
@@ -191,47 +192,60 @@ def _fused_ce_kl(z, y, embedding, kl_bias, temperature, stop_target_gradient, si
                           size)[0]
 
 
-def _tempered(z32: jax.Array, kl_bias: jax.Array, temperature: float) -> jax.Array:
-  """The KL's tempered logits (z - b) / tau, [N, V]."""
-  return (z32 - kl_bias) / temperature
-
-
 def _fused_ce_kl_fwd(z, y, embedding, kl_bias, temperature, stop_target_gradient, size):
-  """z [N, V], y [N], E [V, d], b [V] -> (ce [N], kl [N]), residuals."""
+  """z [N, V], y [N], E [V, d], b [V] or None -> (ce [N], kl [N]), residuals.
+
+  The KL is split as sum y~ log y~ (per distinct target, on [K, V]) - sum y~ (z - b) / tau
+  + lse_tau, and the passes over [N, V] are written so that no two share an [N, V]
+  subexpression (z - m, z / tau, a broadcast bias): XLA would write a shared one out to
+  memory, and each such array costs about as much as the pass itself.
+  """
   del stop_target_gradient
   z32 = _f32(z)
   e32 = _f32(embedding)
-  lse = jax.nn.logsumexp(z32, axis=-1)
-  lse_tau = jax.nn.logsumexp(_tempered(z32, kl_bias, temperature), axis=-1)
+  m = jnp.max(z32, axis=-1)
+  lse = m + jnp.log(jnp.sum(jnp.exp(z32 - m[:, None]), axis=-1))
+  # (z - b) / tau, shifted by (m - min b) / tau >= its max: no second max over [N, V].
+  if kl_bias is None:
+    shift = m / temperature
+    exponent = z32 / temperature - shift[:, None]
+  else:
+    shift = (m - jnp.min(kl_bias)) / temperature
+    exponent = (z32 - kl_bias) / temperature - shift[:, None]
+  lse_tau = shift + jnp.log(jnp.sum(jnp.exp(exponent), axis=-1))
   ce = lse - jnp.take_along_axis(z32, y[:, None], axis=-1)[:, 0]
   distinct, index = distinct_targets(y, size)
   scores = e32[distinct] @ e32.T / temperature  # [K, V]: log y~ up to its normaliser
   log_target = scores - jax.nn.logsumexp(scores, axis=-1, keepdims=True)
-  # Term by term, as in `augmented_kl`: near y~ = y^tau, sum y~ log y~ - sum y~ log y^tau
-  # would cancel to float32 rounding.
-  log_model = _tempered(z32, kl_bias, temperature) - lse_tau[:, None]
-  kl = jnp.sum(jnp.exp(log_target[index]) * (log_target[index] - log_model), axis=-1)
-  return (ce, kl), (z, y, embedding, kl_bias, lse, lse_tau, distinct, index, log_target, kl)
+  target = jnp.exp(log_target)
+  neg_entropy = jnp.sum(target * log_target, axis=-1)  # [K]
+  cross = jnp.sum(target[index] * z32, axis=-1)  # [N]: sum y~ z
+  if kl_bias is not None:
+    cross = cross - (target @ kl_bias)[index]
+  kl = neg_entropy[index] - cross / temperature + lse_tau
+  return (ce, kl), (z, y, embedding, kl_bias, lse, lse_tau, distinct, index, log_target, target,
+                    kl)
 
 
 def _fused_ce_kl_bwd(temperature, stop_target_gradient, size, residuals, cotangents):
-  z, y, embedding, kl_bias, lse, lse_tau, distinct, index, log_target, kl = residuals
+  z, y, embedding, kl_bias, lse, lse_tau, distinct, index, log_target, target, kl = residuals
   g_ce, g_kl = cotangents
   z32 = _f32(z)
-  target = jnp.exp(log_target)  # [K, V]
-  log_model = _tempered(z32, kl_bias, temperature) - lse_tau[:, None]  # log y^tau, [N, V]
-  dz_kl = (g_kl / temperature)[:, None] * (jnp.exp(log_model) - target[index])
+  b = 0.0 if kl_bias is None else kl_bias
+  model = jnp.exp((z32 - b - temperature * lse_tau[:, None]) / temperature)  # y^tau, [N, V]
+  dz_kl = (g_kl / temperature)[:, None] * (model - target[index])
   dz = g_ce[:, None] * _softmax_minus_onehot(z32, lse, y) + dz_kl
-  d_bias = -jnp.sum(dz_kl, axis=0).astype(kl_bias.dtype)
+  d_bias = None if kl_bias is None else -jnp.sum(dz_kl, axis=0).astype(kl_bias.dtype)
   if stop_target_gradient:
     return dz.astype(z.dtype), None, jnp.zeros_like(embedding), d_bias
-  # d KL_t / d scores_t = y~ (log y~ - log y^tau_t - KL_t) / tau, summed over the tokens of
-  # each distinct target (each log ratio formed per token first, as autodiff of
-  # `augmented_kl` does, so that no two large sums cancel); scores = E[distinct] E^T, so E
-  # gets it from both factors.
-  log_ratio = log_target[index] - log_model - kl[:, None]  # [N, V]
-  d_scores = target * jax.ops.segment_sum(
-      g_kl[:, None] * log_ratio, index, num_segments=size) / temperature  # [K, V]
+  # d KL_t / d scores_k = y~_k (log y~_k - (z_t - b) / tau + lse_tau_t - KL_t) / tau for the
+  # tokens t of distinct target k, summed over them: the [N, V] part, z, by one scatter-add
+  # into [K, V], the rest per row.
+  g_sum = jax.ops.segment_sum(g_kl, index, num_segments=size)  # [K]
+  g_rest = jax.ops.segment_sum(g_kl * (lse_tau - kl), index, num_segments=size)  # [K]
+  g_z = jax.ops.segment_sum(g_kl[:, None] * z32, index, num_segments=size)  # [K, V]
+  g_tempered = (g_z - g_sum[:, None] * b) / temperature
+  d_scores = target * (g_sum[:, None] * log_target - g_tempered + g_rest[:, None]) / temperature
   e32 = _f32(embedding)
   d_embedding = d_scores.T @ e32[distinct]
   d_embedding = d_embedding.at[distinct].add(d_scores @ e32)
