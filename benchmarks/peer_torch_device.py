@@ -62,10 +62,10 @@ def main(argv: list[str]) -> None:
   if device.startswith('cuda'):
     torch.set_float32_matmul_precision('high')
   torch.manual_seed(0)
-  dtype = getattr(torch, dtype)
-  model = LM(hidden).to(device=device, dtype=dtype)
+  torch_dtype = getattr(torch, dtype)
+  model = LM(hidden).to(device=device, dtype=torch_dtype)
   opt = torch.optim.SGD(model.parameters(), lr=1.0)
-  state = tuple(torch.zeros(2, batch, hidden, device=device, dtype=dtype) for _ in range(2))
+  state = tuple(torch.zeros(2, batch, hidden, device=device, dtype=torch_dtype) for _ in range(2))
   x = torch.randint(0, VOCAB, (bptt, batch), device=device)
   t = torch.randint(0, VOCAB, (bptt, batch), device=device)
 
@@ -91,8 +91,8 @@ def main(argv: list[str]) -> None:
     state = step(state)
   synchronize()
   seconds = time.perf_counter() - start
-  assert logits_dtype(model, x, state) == dtype, 'the peer computed in another dtype'
-  print(f'torch {device} {str(dtype).removeprefix("torch.")} h={hidden} bptt={bptt} batch={batch}:'
+  assert logits_dtype(model, x, state) == torch_dtype, 'the peer computed in another dtype'
+  print(f'torch {device} {dtype} h={hidden} bptt={bptt} batch={batch}:'
         f' {steps * bptt * batch / seconds:.0f} tokens/s, {seconds / steps * 1e3:.1f} ms/step')
 
 

@@ -166,8 +166,7 @@ class Run:
   @property
   def changes(self) -> str:
     """What a variant changes in its row, 'key=value, ...'; '' for a run that varies none."""
-    flat = config_lib.flat_dict(self.config)
-    return ', '.join(f'{k}={flat.get(k)}' for k in (self.variant_of or (None, []))[1])
+    return ', '.join(self.changes_against(tied=True))
 
   def changes_against(self, tied: bool) -> tuple[str, ...]:
     """`changes` as they matter beside a row that is `tied` or not: an untied read-out always
@@ -349,7 +348,7 @@ def paired_row(variant: list[Run], against: list[Run]) -> Optional[list[str]]:
                        for i in range(len(seeds)))
   mean = {key: sum(values) / len(values) for key, values in diffs.items()}
   rows = variant[0].compared_row, against[0].compared_row
-  changes = ', '.join(variant[0].changes_against(tied=True))
+  changes = variant[0].changes
   twice = sorted(set(ours_twice) | set(theirs_twice))
   left_out = (f' (left out: seed {", ".join(map(str, twice))}, completed by more than one run'
               ' of a recipe)') if twice else ''
