@@ -205,30 +205,33 @@ def _fused_ce_kl_fwd(z, y, embedding, kl_bias, temperature, stop_target_gradient
   e32 = _f32(embedding)
   m = jnp.max(z32, axis=-1)
   lse = m + jnp.log(jnp.sum(jnp.exp(z32 - m[:, None]), axis=-1))
-  # (z - b) / tau, shifted by (m - min b) / tau >= its max: no second max over [N, V].
+  # (z - b) / tau, shifted by (m - min b) / tau >= its max: no second max over [N, V]. 1/tau
+  # as a per-row vector that XLA cannot fold back to a scalar constant: a YNNPACK reduce
+  # fusion takes a broadcast scalar constant as an [N, V] array written out to memory.
+  inv_tau = jax.lax.optimization_barrier(jnp.full(m.shape, 1.0 / temperature, z32.dtype))
   if kl_bias is None:
     shift = m / temperature
-    exponent = z32 / temperature - shift[:, None]
+    exponent = z32 * inv_tau[:, None] - shift[:, None]
   else:
     shift = (m - jnp.min(kl_bias)) / temperature
-    exponent = (z32 - kl_bias) / temperature - shift[:, None]
+    exponent = (z32 - kl_bias) * inv_tau[:, None] - shift[:, None]
   lse_tau = shift + jnp.log(jnp.sum(jnp.exp(exponent), axis=-1))
   ce = lse - jnp.take_along_axis(z32, y[:, None], axis=-1)[:, 0]
   distinct, index = distinct_targets(y, size)
-  scores = e32[distinct] @ e32.T / temperature  # [K, V]: log y~ up to its normaliser
-  log_target = scores - jax.nn.logsumexp(scores, axis=-1, keepdims=True)
-  target = jnp.exp(log_target)
-  neg_entropy = jnp.sum(target * log_target, axis=-1)  # [K]
+  scores = (e32[distinct] / temperature) @ e32.T  # [K, V]: log y~ up to its normaliser
+  lse_k = jax.nn.logsumexp(scores, axis=-1)
+  target = jnp.exp(scores - lse_k[:, None])
+  neg_entropy = jnp.sum(target * (scores - lse_k[:, None]), axis=-1)  # [K]
   cross = jnp.sum(target[index] * z32, axis=-1)  # [N]: sum y~ z
   if kl_bias is not None:
     cross = cross - (target @ kl_bias)[index]
   kl = neg_entropy[index] - cross / temperature + lse_tau
-  return (ce, kl), (z, y, embedding, kl_bias, lse, lse_tau, distinct, index, log_target, target,
-                    kl)
+  return (ce, kl), (z, y, embedding, kl_bias, lse, lse_tau, distinct, index, scores, lse_k,
+                    target, kl)
 
 
 def _fused_ce_kl_bwd(temperature, stop_target_gradient, size, residuals, cotangents):
-  z, y, embedding, kl_bias, lse, lse_tau, distinct, index, log_target, target, kl = residuals
+  z, y, embedding, kl_bias, lse, lse_tau, distinct, index, scores, lse_k, target, kl = residuals
   g_ce, g_kl = cotangents
   z32 = _f32(z)
   b = 0.0 if kl_bias is None else kl_bias
@@ -238,17 +241,19 @@ def _fused_ce_kl_bwd(temperature, stop_target_gradient, size, residuals, cotange
   d_bias = None if kl_bias is None else -jnp.sum(dz_kl, axis=0).astype(kl_bias.dtype)
   if stop_target_gradient:
     return dz.astype(z.dtype), None, jnp.zeros_like(embedding), d_bias
-  # d KL_t / d scores_k = y~_k (log y~_k - (z_t - b) / tau + lse_tau_t - KL_t) / tau for the
+  # d KL_t / d scores_k = y~_k (log y~_k - (z_t - b) / tau + lse_tau_t - KL_t) for the
   # tokens t of distinct target k, summed over them: the [N, V] part, z, by one scatter-add
-  # into [K, V], the rest per row.
+  # into [K, V], the rest per row. scores = (E[distinct] / tau) E^T: 1/tau on the [K, d]
+  # side, not a pass over [K, V].
   g_sum = jax.ops.segment_sum(g_kl, index, num_segments=size)  # [K]
   g_rest = jax.ops.segment_sum(g_kl * (lse_tau - kl), index, num_segments=size)  # [K]
   g_z = jax.ops.segment_sum(g_kl[:, None] * z32, index, num_segments=size)  # [K, V]
   g_tempered = (g_z - g_sum[:, None] * b) / temperature
-  d_scores = target * (g_sum[:, None] * log_target - g_tempered + g_rest[:, None]) / temperature
+  d_scores = target * (g_sum[:, None] * (scores - lse_k[:, None]) - g_tempered
+                       + g_rest[:, None])
   e32 = _f32(embedding)
-  d_embedding = d_scores.T @ e32[distinct]
-  d_embedding = d_embedding.at[distinct].add(d_scores @ e32)
+  d_embedding = d_scores.T @ (e32[distinct] / temperature)
+  d_embedding = d_embedding.at[distinct].add((d_scores @ e32) / temperature)
   return dz.astype(z.dtype), None, d_embedding.astype(embedding.dtype), d_bias
 
 
