@@ -218,20 +218,24 @@ def _fused_ce_kl_fwd(z, y, embedding, kl_bias, temperature, stop_target_gradient
   lse_tau = shift + jnp.log(jnp.sum(jnp.exp(exponent), axis=-1))
   ce = lse - jnp.take_along_axis(z32, y[:, None], axis=-1)[:, 0]
   distinct, index = distinct_targets(y, size)
-  scores = (e32[distinct] / temperature) @ e32.T  # [K, V]: log y~ up to its normaliser
+  tempered_rows = e32[distinct] / temperature  # [K, d]: 1/tau here, not on [K, V]
+  scores = tempered_rows @ e32.T  # [K, V]: log y~ up to its normaliser
   lse_k = jax.nn.logsumexp(scores, axis=-1)
-  target = jnp.exp(scores - lse_k[:, None])
-  neg_entropy = jnp.sum(target * (scores - lse_k[:, None]), axis=-1)  # [K]
+  log_target = scores - lse_k[:, None]
+  target = jnp.exp(log_target)
+  neg_entropy = jnp.sum(target * log_target, axis=-1)  # [K]
   cross = jnp.sum(target[index] * z32, axis=-1)  # [N]: sum y~ z
   if kl_bias is not None:
     cross = cross - (target @ kl_bias)[index]
   kl = neg_entropy[index] - cross / temperature + lse_tau
-  return (ce, kl), (z, y, embedding, kl_bias, lse, lse_tau, distinct, index, scores, lse_k,
-                    target, kl)
+  # The residuals keep the scores, not log y~: the backward pass recomputes it in its one pass.
+  return (ce, kl), (z, y, embedding, kl_bias, lse, lse_tau, distinct, index, tempered_rows,
+                    scores, lse_k, target, kl)
 
 
 def _fused_ce_kl_bwd(temperature, stop_target_gradient, size, residuals, cotangents):
-  z, y, embedding, kl_bias, lse, lse_tau, distinct, index, scores, lse_k, target, kl = residuals
+  (z, y, embedding, kl_bias, lse, lse_tau, distinct, index, tempered_rows, scores, lse_k, target,
+   kl) = residuals
   g_ce, g_kl = cotangents
   z32 = _f32(z)
   b = 0.0 if kl_bias is None else kl_bias
@@ -243,17 +247,15 @@ def _fused_ce_kl_bwd(temperature, stop_target_gradient, size, residuals, cotange
     return dz.astype(z.dtype), None, jnp.zeros_like(embedding), d_bias
   # d KL_t / d scores_k = y~_k (log y~_k - (z_t - b) / tau + lse_tau_t - KL_t) for the
   # tokens t of distinct target k, summed over them: the [N, V] part, z, by one scatter-add
-  # into [K, V], the rest per row. scores = (E[distinct] / tau) E^T: 1/tau on the [K, d]
-  # side, not a pass over [K, V].
+  # into [K, V], the rest per row. scores = tempered_rows E^T, tempered_rows = E[distinct] / tau.
   g_sum = jax.ops.segment_sum(g_kl, index, num_segments=size)  # [K]
   g_rest = jax.ops.segment_sum(g_kl * (lse_tau - kl), index, num_segments=size)  # [K]
   g_z = jax.ops.segment_sum(g_kl[:, None] * z32, index, num_segments=size)  # [K, V]
   g_tempered = (g_z - g_sum[:, None] * b) / temperature
   d_scores = target * (g_sum[:, None] * (scores - lse_k[:, None]) - g_tempered
                        + g_rest[:, None])
-  e32 = _f32(embedding)
-  d_embedding = d_scores.T @ (e32[distinct] / temperature)
-  d_embedding = d_embedding.at[distinct].add((d_scores @ e32) / temperature)
+  d_embedding = d_scores.T @ tempered_rows
+  d_embedding = d_embedding.at[distinct].add((d_scores @ _f32(embedding)) / temperature)
   return dz.astype(z.dtype), None, d_embedding.astype(embedding.dtype), d_bias
 
 
