@@ -218,7 +218,11 @@ def _fused_ce_kl_fwd(z, y, embedding, kl_bias, temperature, stop_target_gradient
   lse_tau = shift + jnp.log(jnp.sum(jnp.exp(exponent), axis=-1))
   ce = lse - jnp.take_along_axis(z32, y[:, None], axis=-1)[:, 0]
   distinct, index = distinct_targets(y, size)
-  tempered_rows = e32[distinct] / temperature  # [K, d]: 1/tau here, not on [K, V]
+  # 1/tau on [K, d], not on [K, V]. `+ 0 * m[0]` makes the y~ work wait for the logits: XLA
+  # would otherwise run its [K, V] product beside the recurrence, whose small per-step ops it
+  # slows more than it gains (an optimization barrier does not order them on XLA:CPU). It
+  # changes no value unless m[0] is inf or NaN, when the loss is not finite anyway.
+  tempered_rows = e32[distinct] / temperature + 0.0 * m[0]  # [K, d]
   scores = tempered_rows @ e32.T  # [K, V]: log y~ up to its normaliser
   lse_k = jax.nn.logsumexp(scores, axis=-1)
   log_target = scores - lse_k[:, None]
