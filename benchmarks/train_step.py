@@ -8,9 +8,12 @@
   JAX_NUM_CPU_DEVICES=8 python benchmarks/train_step.py --config=configs/ptb_lstm.py:small \
       --config.batch_size=16   # data-parallel over 8 simulated CPU devices
 
-Without `--config`, each selected config is compiled, warmed up and timed in `--repeats` rounds of
-`--steps` steps (default: as many as fill `--round_seconds`), and a Markdown table is printed:
-tokens/s and ms/step (medians over the rounds), compile seconds, GFLOP per step, the fraction of
+Without `--config`, every selected config is compiled and warmed up, then timed in `--repeats`
+rounds, each running every config's `--steps` steps (default: as many as fill `--round_seconds`)
+in turn, with its peer, so that a drift in the machine's speed falls on all configs alike. A
+Markdown table is printed: tokens/s and ms/step (medians over the rounds), the step's time over
+that of the same model without the augmented loss and its speed over the peer's (medians of the
+rounds' ratios), compile seconds, GFLOP per step, the fraction of
 XLA's float32 matmul rate and of the machine's float32 peak (the best of XLA, NumPy's BLAS and,
 with a peer Python, torch: `machine_peak.py`, measured at the start and again at the end, with an
 idle check) that the step reaches, and the compiled step's memory. With `--config` (and any
@@ -115,8 +118,10 @@ class Result:
   xla_gflop: Optional[float]  # XLA's cost analysis of the compiled (per-device) program
   matmul_gflop: float  # dot_generals of the step's jaxpr, scan bodies times their length
   memory_mib: Optional[float]  # XLA: arguments + outputs - donated + temporaries
+  round_ms: list[float] = dataclasses.field(default_factory=list)  # ms/step of each round
   peer_tokens_per_s: Optional[float] = None
   peer_ms_per_step: Optional[float] = None
+  peer_ratio: Optional[float] = None  # median over rounds of jaxlm's speed over the peer's
 
 
 @dataclasses.dataclass
@@ -244,12 +249,27 @@ def choose_count(seconds_each: float, lo: int, hi: int) -> int:
   return int(min(hi, max(lo, round(_ROUND_SECONDS.value / max(seconds_each, 1e-9)))))
 
 
-def measure(label: str, config: ml_collections.ConfigDict, peer: bool,
-            profile_dir: Optional[str]) -> tuple[Result, Callable[[], EvalResult]]:
-  """Compiles, warms up and times the train step of `config`, the peer interleaved.
+@dataclasses.dataclass
+class Timed:
+  """One config compiled and warmed up: `run(n)` times n steps; rounds are added by `time_rounds`."""
 
-  Returns the result and a function that times batch-1 evaluation of the trained parameters.
-  """
+  label: str
+  config: ml_collections.ConfigDict
+  devices: int
+  steps: int
+  compile_s: float
+  xla_flops: Optional[float]
+  memory_bytes: Optional[int]
+  matmul_flops: float
+  peer: bool
+  run: Callable[[int], float]  # seconds for n steps, the state carried on
+  time_eval: Callable[[], EvalResult]
+  seconds: list[float] = dataclasses.field(default_factory=list)  # per step, one per round
+  peer_runs: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+
+
+def prepare(label: str, config: ml_collections.ConfigDict, peer: bool) -> Timed:
+  """Compiles and warms up the train step of `config` on Zipf-distributed ids."""
   config_lib.validate(config)
   vocab = _VOCAB.value
   model = models.build_model(config, vocab)
@@ -271,13 +291,11 @@ def measure(label: str, config: ml_collections.ConfigDict, peer: bool,
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # a list of one dict per program in older jax versions
     cost = cost[0] if cost else None
-  xla_flops = cost.get('flops') if cost else None
   memory = compiled.memory_analysis()
   memory_bytes = None
   if memory is not None:  # peak_memory_in_bytes is not filled in on CPU
     memory_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                     - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-  flops = matmul_flops(traced.jaxpr)
 
   def run(n: int) -> float:
     nonlocal state
@@ -288,27 +306,58 @@ def measure(label: str, config: ml_collections.ConfigDict, peer: bool,
     return time.perf_counter() - start
 
   warm = run(max(_WARMUP.value, 1)) / max(_WARMUP.value, 1)
-  steps = _STEPS.value or choose_count(warm, 2, 50)
-  times, peer_runs = [], []
-  for _ in range(_REPEATS.value):
-    times.append(run(steps))
-    if peer:
-      peer_runs.append(run_peer(config, steps))
-  if profile_dir:
-    with jax.profiler.trace(profile_dir):
-      run(_PROFILE_STEPS.value)
+  return Timed(
+      label=label, config=config, devices=mesh.size,
+      steps=_STEPS.value or choose_count(warm, 2, 50), compile_s=compile_s,
+      xla_flops=cost.get('flops') if cost else None, memory_bytes=memory_bytes,
+      matmul_flops=matmul_flops(traced.jaxpr), peer=peer, run=run,
+      time_eval=lambda: measure_eval(label, config, model, state.params, mesh, rng))
 
-  seconds = statistics.median(times) / steps
+
+def time_rounds(timed: list[Timed]) -> None:
+  """--repeats rounds; in each, every config's steps (and its peer) once, in turn.
+
+  Interleaved, so that a drift in the machine's speed (a shared host's neighbours) falls on
+  all configs alike and the ratios between them (REAL / RE, jaxlm / peer) stay meaningful.
+  """
+  for _ in range(_REPEATS.value):
+    for t in timed:
+      t.seconds.append(t.run(t.steps) / t.steps)
+      if t.peer:
+        t.peer_runs.append(run_peer(t.config, t.steps))
+
+
+def result_of(t: Timed) -> Result:
+  seconds = statistics.median(t.seconds)
   result = Result(
-      label=label, config=config, devices=mesh.size, steps=steps,
-      tokens_per_s=config.batch_size * config.bptt / seconds, ms_per_step=seconds * 1e3,
-      compile_s=compile_s, xla_gflop=None if xla_flops is None else xla_flops / 1e9,
-      matmul_gflop=flops / 1e9,
-      memory_mib=None if memory_bytes is None else memory_bytes / 2**20)
-  if peer_runs:
-    result.peer_tokens_per_s = statistics.median(r[0] for r in peer_runs)
-    result.peer_ms_per_step = statistics.median(r[1] for r in peer_runs)
-  return result, lambda: measure_eval(label, config, model, state.params, mesh, rng)
+      label=t.label, config=t.config, devices=t.devices, steps=t.steps,
+      tokens_per_s=t.config.batch_size * t.config.bptt / seconds, ms_per_step=seconds * 1e3,
+      compile_s=t.compile_s, xla_gflop=None if t.xla_flops is None else t.xla_flops / 1e9,
+      matmul_gflop=t.matmul_flops / 1e9,
+      memory_mib=None if t.memory_bytes is None else t.memory_bytes / 2**20,
+      round_ms=[x * 1e3 for x in t.seconds])
+  if t.peer_runs:
+    result.peer_tokens_per_s = statistics.median(r[0] for r in t.peer_runs)
+    result.peer_ms_per_step = statistics.median(r[1] for r in t.peer_runs)
+    result.peer_ratio = statistics.median(
+        r[1] / (x * 1e3) for r, x in zip(t.peer_runs, t.seconds))
+  return result
+
+
+def without_aug(label: str) -> Optional[str]:
+  """The label of the same model without the augmented loss ('...,real' -> '...,re')."""
+  match = re.fullmatch(r'(.*[:,])(real|al)', label)
+  if match is None:
+    return None
+  return match.group(1) + {'real': 're', 'al': 'baseline'}[match.group(2)]
+
+
+def aug_ratio(result: Result, by_label: dict[str, Result]) -> Optional[float]:
+  """Median over rounds of this row's step time over its no-AL sibling's, when both ran."""
+  plain = by_label.get(without_aug(result.label) or '')
+  if plain is None:
+    return None
+  return statistics.median(a / b for a, b in zip(result.round_ms, plain.round_ms))
 
 
 def measure_eval(label: str, config: ml_collections.ConfigDict, model: models.LanguageModel,
@@ -384,8 +433,8 @@ def print_line(result: Result, peak: Optional[machine_peak.Peak]) -> None:
   if result.peer_tokens_per_s is not None:
     print(f'torch peer hidden={result.config.model.hidden_size} bptt={result.config.bptt}'
           f' batch={result.config.batch_size}: {result.peer_tokens_per_s:.0f} tokens/s,'
-          f' {result.peer_ms_per_step:.1f} ms/step; jaxlm/peer'
-          f' {result.tokens_per_s / result.peer_tokens_per_s:.2f}')
+          f' {result.peer_ms_per_step:.1f} ms/step; jaxlm/peer {result.peer_ratio:.2f}'
+          ' (median over the rounds)')
 
 
 def print_table(results: list[Result], evals: list[EvalResult],
@@ -397,6 +446,10 @@ def print_table(results: list[Result], evals: list[EvalResult],
             'XLA memory MiB']
   if peer:
     header += ['peer tokens/s', 'jaxlm/peer']
+  by_label = {r.label: r for r in results}
+  with_aug_ratio = any(aug_ratio(r, by_label) is not None for r in results)
+  if with_aug_ratio:
+    header += ['step / no-AL step']
   print('| ' + ' | '.join(header) + ' |')
   print('|' + '---|' * len(header))
   for r in results:
@@ -405,8 +458,9 @@ def print_table(results: list[Result], evals: list[EvalResult],
            fmt(r.matmul_gflop, '.1f'), fmt(percent(r, xla), '.0f'), fmt(percent(r, rate), '.0f'),
            fmt(r.memory_mib)]
     if peer:
-      ratio = None if r.peer_tokens_per_s is None else r.tokens_per_s / r.peer_tokens_per_s
-      row += [fmt(r.peer_tokens_per_s), fmt(ratio, '.2f')]
+      row += [fmt(r.peer_tokens_per_s), fmt(r.peer_ratio, '.2f')]
+    if with_aug_ratio:
+      row += [fmt(aug_ratio(r, by_label), '.2f')]
     print('| ' + ' | '.join(row) + ' |')
   if evals:
     print('\n| model (batch-1 evaluation) | tokens/s | tokens per round |')
@@ -421,7 +475,13 @@ def print_table(results: list[Result], evals: list[EvalResult],
         ' the float32 peak (the best library\'s rate), both as measured at the start.'
         ' XLA memory: compiled.memory_analysis(), arguments + outputs - donated + temporaries'
         ' (per device).'
-        + (' The peer has no augmented loss: REAL rows do more work than it.' if peer else ''))
+        + (' jaxlm/peer: median over the rounds of the two speeds\' ratio; the peer has no'
+           ' augmented loss, so REAL rows do more work than it.' if peer else '')
+        + (' step / no-AL step: median over the rounds of the step time over that of the same'
+           ' model without the augmented loss (REAL / RE, AL / baseline).' if with_aug_ratio
+           else '')
+        + f' Each round runs every config in turn (and its peer), so that a drift in the'
+        f' machine\'s speed falls on all alike.')
 
 
 def main(argv):
@@ -467,26 +527,34 @@ def _main():
       print(f'Idle check at the start: {machine_peak.idle_check().line()}')
     print(flush=True)
 
-  results, evals, evaluated = [], [], {}
+  timed = []
   for label, config in configs:
-    profile_dir = _PROFILE.value
-    if profile_dir and not single:
-      profile_dir = os.path.join(profile_dir, re.sub(r'[^\w.-]+', '_', label))
     with jax.default_matmul_precision(config.model.matmul_precision):
-      result, time_eval = measure(label, config, peer and has_peer(config), profile_dir)
-      results.append(result)
+      timed.append(prepare(label, config, peer and has_peer(config)))
+  time_rounds(timed)
+  results, evals, evaluated = [], [], {}
+  for t in timed:
+    result = result_of(t)
+    results.append(result)
+    if single:
+      print_line(result, peak)
+    else:
+      print(f'  {t.label}: {result.tokens_per_s:,.0f} tokens/s', file=sys.stderr, flush=True)
+    if _PROFILE.value:
+      profile_dir = _PROFILE.value
+      if not single:
+        profile_dir = os.path.join(profile_dir, re.sub(r'[^\w.-]+', '_', t.label))
+      with jax.profiler.trace(profile_dir):
+        t.run(_PROFILE_STEPS.value)
+    # RE and REAL differ only in the loss: evaluate each model once.
+    key = f'{t.config.model} bptt={t.config.bptt}'
+    if run_eval and key not in evaluated:
+      with jax.default_matmul_precision(t.config.model.matmul_precision):
+        evaluated[key] = t.time_eval()
+      evals.append(evaluated[key])
       if single:
-        print_line(result, peak)
-      # RE and REAL differ only in the loss: evaluate each model once.
-      key = f'{config.model} bptt={config.bptt}'
-      if run_eval and key not in evaluated:
-        evaluated[key] = time_eval()
-        evals.append(evaluated[key])
-        if single:
-          print(f'batch-1 evaluation: {evals[-1].tokens_per_s:.0f} tokens/s'
-                f' ({evals[-1].tokens} tokens per round)')
-    if not single:
-      print(f'  {label}: {result.tokens_per_s:,.0f} tokens/s', file=sys.stderr, flush=True)
+        print(f'batch-1 evaluation: {evals[-1].tokens_per_s:.0f} tokens/s'
+              f' ({evals[-1].tokens} tokens per round)')
   if peak is not None:
     machine_peak.remeasure(peak)
   warnings = peak.warnings() if peak is not None else []
