@@ -64,17 +64,32 @@ def _recurrent(
     state_mask: Optional[jax.Array],
     transform_mask: Optional[jax.Array],
     separate: bool,
+    transposed: bool = False,
 ) -> jax.Array:
   """(s m) R for both transforms: s [batch, hidden] -> [batch, 2 * hidden].
 
-  `kernel` is an entry of `_layer_kernels(.., transpose=False)`. With `separate`, H sees
-  s * state_mask and T sees s * transform_mask (two matmuls); otherwise both see
+  `kernel` is an entry of `_layer_kernels(.., transpose=False)`, or, for one row (batch 1),
+  of `_layer_kernels(.., transpose=True)`: see `_row_times_transposed`. With `separate`, H
+  sees s * state_mask and T sees s * transform_mask (two matmuls); otherwise both see
   s * state_mask (one matmul).
   """
+  product = _row_times_transposed if transposed else compute_matmul
   if not separate:
-    return compute_matmul(_mask(s, state_mask), kernel)
-  return jnp.concatenate([compute_matmul(_mask(s, state_mask), kernel[0]),
-                          compute_matmul(_mask(s, transform_mask), kernel[1])], axis=-1)
+    return product(_mask(s, state_mask), kernel)
+  return jnp.concatenate([product(_mask(s, state_mask), kernel[0]),
+                          product(_mask(s, transform_mask), kernel[1])], axis=-1)
+
+
+def _row_times_transposed(s: jax.Array, kernel_t: jax.Array) -> jax.Array:
+  """s @ kernel_t^T for one row: s [1, K], kernel_t [N, K] -> [1, N], as `compute_matmul`.
+
+  At batch 1 each step reads the whole kernel from memory; XLA:CPU keeps the kernel's bytes
+  where they are (the transpose becomes a change of layout) but runs this matrix-vector form
+  about a tenth faster than the [1, K] x [K, N] dot (docs/performance.md, "Batch-1
+  evaluation").
+  """
+  out_dtype = jnp.promote_types(kernel_t.dtype, jnp.float32)
+  return jnp.matmul(kernel_t, s[0].astype(kernel_t.dtype), preferred_element_type=out_dtype)[None]
 
 
 def _recurrent_transpose(
@@ -124,11 +139,13 @@ def _scan_forward(
   """
   depth = recurrent_kernel.shape[0]
   gates = jnp.swapaxes(input_gates, 0, 1) + bias[0]  # [time, batch, 2 * hidden]
-  kernels = _layer_kernels(recurrent_kernel, separate, transpose=False)
+  # One row and no backward pass (batch-1 evaluation): each product as kernel^T s.
+  row = s.shape[0] == 1 and not save_residuals
+  kernels = _layer_kernels(recurrent_kernel, separate, transpose=row)
   rest = (_stack(kernels[1:]), bias[1:]) if micro_scan and depth > 1 else None
 
   def micro_layer(s, kernel, pre):
-    h, t = _gates(pre + _recurrent(s, kernel, state_mask, transform_mask, separate))
+    h, t = _gates(pre + _recurrent(s, kernel, state_mask, transform_mask, separate, row))
     return h * t + s * (1.0 - t), (s, h, t)
 
   def step(s, gates_t):
