@@ -480,8 +480,8 @@ def print_table(results: list[Result], evals: list[EvalResult],
         + (' step / no-AL step: median over the rounds of the step time over that of the same'
            ' model without the augmented loss (REAL / RE, AL / baseline).' if with_aug_ratio
            else '')
-        + f' Each round runs every config in turn (and its peer), so that a drift in the'
-        f' machine\'s speed falls on all alike.')
+        + ' Each round runs every config in turn (and its peer), so that a drift in the'
+        ' machine\'s speed falls on all alike.')
 
 
 def main(argv):

@@ -37,7 +37,8 @@ def _mask(x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
 
 
 def _layer_kernels(recurrent_kernel: jax.Array, separate: bool, transpose: bool) -> list[Any]:
-  """Each micro-layer's R in the form `_recurrent` or (`transpose`) `_recurrent_transpose` takes.
+  """Each micro-layer's R in the form `_recurrent` takes, or (`transpose`) R^T, the form
+  `_recurrent_transpose` and, for one row, `_recurrent(.., transposed=True)` take.
 
   Not separate: R [hidden, 2 * hidden], or R^T. Separate: the pair (R_H, R_T), [hidden, hidden]
   each, or their transposes. Sliced here, outside the time loops: XLA copies a slice of a
